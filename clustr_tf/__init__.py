@@ -1,0 +1,32 @@
+"""ClusTR for TensorFlow/Keras: clustering for certified robustness.
+
+Keras building blocks for "Rethinking Clustering for Robustness" (Alfarra et al.,
+BMVC 2021, arXiv:2006.07682):
+
+- `clustr_tf.layers.ClusterCenters`: centers, variance, soft-kNC logits, nearest center.
+- `clustr_tf.losses.magnet_loss` / `MagnetLoss`: the magnet loss, in the log domain.
+- `clustr_tf.sampler.NeighbourhoodSampler`: neighbourhood batches as tf.data.
+- `clustr_tf.clustering.ClusterRefresh`: per-class k-means refresh as a Keras callback.
+- `clustr_tf.models.ClusTRModel`: a backbone with a ClusterCenters head and its train step.
+- `clustr_tf.backbones`: the paper's CIFAR ResNet-18 and a small ConvNet.
+- `clustr_tf.data.load`: datasets as tf.data (embedded digits, CIFAR-10/100, SVHN).
+
+Importing the package registers every serializable object, so `.keras` files load with
+`keras.saving.load_model` after `import clustr_tf`.
+"""
+
+from clustr_tf import backbones
+from clustr_tf import clustering
+from clustr_tf import data
+from clustr_tf import layers
+from clustr_tf import losses
+from clustr_tf import models
+from clustr_tf import sampler
+from clustr_tf.clustering import ClusterRefresh
+from clustr_tf.layers import ClusterCenters
+from clustr_tf.losses import MagnetLoss
+from clustr_tf.losses import magnet_loss
+from clustr_tf.models import ClusTRModel
+from clustr_tf.sampler import NeighbourhoodSampler
+
+__version__ = "0.1.0"

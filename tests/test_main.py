@@ -1,0 +1,115 @@
+"""End-to-end tests of training/main.py: a tiny run, and every bad input."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(ROOT, "training", "main.py")
+
+
+def _run(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, MAIN, *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=600
+    )
+
+
+def _tempdir(test):
+    path = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+class EndToEndTest(absltest.TestCase):
+    def test_tiny_run_writes_the_run_directory(self):
+        run = os.path.join(_tempdir(self), "run")
+        out = _run("--epochs=2", "--steps_per_epoch=2", f"--model_dir={run}", "--seed=3")
+        self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+        for name in ("config.json", "metrics.json", "model.keras", "training_log.csv",
+                     os.path.join("checkpoints", "last.keras")):
+            self.assertTrue(os.path.exists(os.path.join(run, name)), name)
+        self.assertTrue(os.listdir(os.path.join(run, "logs")))
+        with open(os.path.join(run, "metrics.json")) as fh:
+            metrics = json.load(fh)
+        for key in ("clean_accuracy", "nearest_center_accuracy", "agreement"):
+            self.assertBetween(metrics[key], 0.0, 1.0)
+        self.assertEqual(metrics["num_examples"], 360)
+        self.assertEqual(metrics["epochs"], 2)
+        with open(os.path.join(run, "training_log.csv")) as fh:
+            rows = list(csv.DictReader(fh))
+        self.assertEqual([r["epoch"] for r in rows], ["0", "1"])
+        for key in ("loss", "nearest_center_accuracy", "val_accuracy", "variance", "center_separation"):
+            self.assertIn(key, rows[0])
+        with open(os.path.join(run, "config.json")) as fh:
+            config = json.load(fh)
+        self.assertEqual((config["k"], config["m"], config["d"], config["alpha"], config["L"], config["lr"]),
+                         (2, 12, 20, 12.5, 10, 1e-4))
+        self.assertEqual(config["seed"], 3)
+        self.assertIn("Epoch 1/2", out.stdout)  # Keras progress output is on
+
+
+class BadInputTest(parameterized.TestCase):
+    def _fails_with_one_line(self, args, *expected):
+        out = _run(*args)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertNotIn("Traceback", out.stderr)
+        last = out.stderr.strip().splitlines()[-1]
+        self.assertTrue(last.startswith("main.py: error: "), out.stderr[-2000:])
+        for text in expected:
+            self.assertIn(text, last)
+        return last
+
+    @parameterized.named_parameters(
+        ("unknown_dataset", ["--dataset=mnist"], "--dataset", "'mnist'"),
+        ("m_too_large", ["--m=20"], "--m", "Received: --m=20"),
+        ("L_too_large", ["--L=21"], "--L", "20", "Received: --L=21"),
+        ("k_zero", ["--k=0"], "--k", "Received: 0"),
+        ("unknown_backbone", ["--backbone=vgg"], "--backbone", "'vgg'"),
+        ("lr_negative", ["--lr=-1"], "--lr", "Received: -1"),
+    )
+    def test_bad_flag(self, args, *expected):
+        tmp = _tempdir(self)
+        self._fails_with_one_line(args + [f"--model_dir={tmp}/run"], *expected)
+        self.assertFalse(os.path.exists(os.path.join(tmp, "run", "config.json")))
+
+    def test_unwritable_model_dir(self):
+        blocker = os.path.join(_tempdir(self), "a_file")
+        with open(blocker, "w") as fh:
+            fh.write("keep me")
+        self._fails_with_one_line([f"--model_dir={blocker}/run"], "--model_dir", blocker)
+        with open(blocker) as fh:
+            self.assertEqual(fh.read(), "keep me")
+
+    def test_missing_dataset(self):
+        tmp = _tempdir(self)
+        last = self._fails_with_one_line(
+            ["--dataset=cifar10", f"--data_dir={tmp}/nothing", "--nodownload", f"--model_dir={tmp}/run"],
+            "cifar10", "--data_dir",
+        )
+        self.assertIn("could not be found", last)
+
+    def test_unexpected_argument(self):
+        self._fails_with_one_line(["train"], "unexpected arguments: train")
+
+
+class FlagTableTest(absltest.TestCase):
+    def test_class_counts_match_the_datasets(self):
+        sys.path.insert(0, os.path.join(ROOT, "training"))
+        import main  # pylint: disable=g-import-not-at-top
+
+        from clustr_tf import data
+
+        self.assertEqual(sorted(main.DATASET_CLASSES), sorted(data.DATASETS))
+        for name, classes in main.DATASET_CLASSES.items():
+            self.assertEqual(data.info(name).num_classes, classes)
+
+
+if __name__ == "__main__":
+    absltest.main()
