@@ -105,13 +105,19 @@ def center_separation(centers, clusters_per_class):
     return float(dist[other].mean()) if other.any() else 0.0
 
 
-def embed(model, images, batch_size=256):
+def embedding_function(model):
+    """A `tf.function` computing `model.embed(images, training=False)`; reuse it."""
+    return tf.function(lambda x: model.embed(x, training=False), reduce_retracing=True)
+
+
+def embed(model, images, batch_size=256, embed_fn=None):
     """Features of `images` in order, computed in inference mode.
 
     Args:
         model: a model with an `embed(images, training=False)` method (`ClusTRModel`).
         images: array or tensor [N, H, W, C] (uint8 images are scaled to [0, 1]).
         batch_size: int.
+        embed_fn: the result of `embedding_function(model)`, to avoid a new trace.
 
     Returns:
         float32 numpy array [N, D].
@@ -119,7 +125,7 @@ def embed(model, images, batch_size=256):
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
     if dataset.element_spec.dtype == tf.uint8:
         dataset = dataset.map(lambda x: tf.cast(x, tf.float32) / 255.0)
-    step = tf.function(lambda x: model.embed(x, training=False), reduce_retracing=True)
+    step = embed_fn or embedding_function(model)
     return np.concatenate([step(batch).numpy() for batch in dataset.prefetch(2)], axis=0)
 
 
@@ -179,6 +185,8 @@ class ClusterRefresh(keras.callbacks.Callback):
         self.n_init = n_init
         self.refreshes = 0
         self.last = {}
+        self._embed_fn = None
+        self._embed_model = None
 
     def _check_model(self):
         if not (hasattr(self.model, "embed") and hasattr(self.model, "cluster_centers")):
@@ -191,7 +199,10 @@ class ClusterRefresh(keras.callbacks.Callback):
         """Runs one refresh now; returns `{"variance", "center_separation"}`."""
         self._check_model()
         layer = self.model.cluster_centers
-        features = embed(self.model, self.images, self.batch_size)
+        if self._embed_model is not self.model:
+            self._embed_fn = embedding_function(self.model)
+            self._embed_model = self.model
+        features = embed(self.model, self.images, self.batch_size, self._embed_fn)
         centers, assignments = kmeans_per_class(
             features,
             self.labels,
