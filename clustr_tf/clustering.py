@@ -105,19 +105,33 @@ def center_separation(centers, clusters_per_class):
     return float(dist[other].mean()) if other.any() else 0.0
 
 
-def embedding_function(model):
-    """A `tf.function` computing `model.embed(images, training=False)`; reuse it."""
-    return tf.function(lambda x: model.embed(x, training=False), reduce_retracing=True)
+def embedding_function(model, strategy=None):
+    """A `tf.function` computing `model.embed(images, training=False)`; reuse it.
+
+    Under a strategy with several replicas, each replica embeds its slice of a batch and
+    the features are gathered back in order on every worker.
+    """
+    if strategy is None or strategy.num_replicas_in_sync == 1:
+        return tf.function(lambda x: model.embed(x, training=False), reduce_retracing=True)
+
+    def step(x):
+        features = strategy.run(lambda x: model.embed(x, training=False), args=(x,))
+        return strategy.gather(features, axis=0)
+
+    return tf.function(step, reduce_retracing=True)
 
 
-def embed(model, images, batch_size=256, embed_fn=None):
+def embed(model, images, batch_size=256, embed_fn=None, strategy=None):
     """Features of `images` in order, computed in inference mode.
 
     Args:
         model: a model with an `embed(images, training=False)` method (`ClusTRModel`).
         images: array or tensor [N, H, W, C] (uint8 images are scaled to [0, 1]).
         batch_size: int.
-        embed_fn: the result of `embedding_function(model)`, to avoid a new trace.
+        embed_fn: the result of `embedding_function(model, strategy)`, to avoid a new
+            trace.
+        strategy: optional `tf.distribute.Strategy`: the pass runs on all its replicas
+            (every worker reads the whole set and receives all features).
 
     Returns:
         float32 numpy array [N, D].
@@ -125,8 +139,21 @@ def embed(model, images, batch_size=256, embed_fn=None):
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
     if dataset.element_spec.dtype == tf.uint8:
         dataset = dataset.map(lambda x: tf.cast(x, tf.float32) / 255.0)
-    step = embed_fn or embedding_function(model)
-    return np.concatenate([step(batch).numpy() for batch in dataset.prefetch(2)], axis=0)
+    step = embed_fn or embedding_function(model, strategy)
+    if strategy is None or strategy.num_replicas_in_sync == 1:
+        return np.concatenate([step(batch).numpy() for batch in dataset.prefetch(2)], axis=0)
+    # Every worker reads the whole set; replica r of R embeds slice r of each batch and
+    # the slices are gathered back in order (no tf.data sharding, whose order differs
+    # between strategies).
+    replicas = strategy.num_replicas_in_sync
+    features = []
+    for batch in dataset.rebatch(batch_size * replicas).prefetch(2):
+        per = -(-int(tf.shape(batch)[0]) // replicas)
+        values = strategy.experimental_distribute_values_from_function(
+            lambda ctx, b=batch, n=per: b[ctx.replica_id_in_sync_group * n:(ctx.replica_id_in_sync_group + 1) * n]
+        )
+        features.append(step(values).numpy())
+    return np.concatenate(features, axis=0)
 
 
 class ClusterRefresh(keras.callbacks.Callback):
@@ -149,6 +176,7 @@ class ClusterRefresh(keras.callbacks.Callback):
         batch_size: int, the batch size of the embedding pass.
         seed: int, seeds k-means (each refresh uses a new derived seed).
         n_init: int, k-means restarts per class.
+        strategy: optional `tf.distribute.Strategy` the embedding pass runs under.
 
     Example:
 
@@ -169,6 +197,7 @@ class ClusterRefresh(keras.callbacks.Callback):
         batch_size=256,
         seed=0,
         n_init=3,
+        strategy=None,
     ):
         super().__init__()
         if sampler is None and (images is None or labels is None):
@@ -183,6 +212,7 @@ class ClusterRefresh(keras.callbacks.Callback):
         self.batch_size = batch_size
         self.seed = seed
         self.n_init = n_init
+        self.strategy = strategy
         self.refreshes = 0
         self.last = {}
         self._embed_fn = None
@@ -200,9 +230,11 @@ class ClusterRefresh(keras.callbacks.Callback):
         self._check_model()
         layer = self.model.cluster_centers
         if self._embed_model is not self.model:
-            self._embed_fn = embedding_function(self.model)
+            self._embed_fn = embedding_function(self.model, self.strategy)
             self._embed_model = self.model
-        features = embed(self.model, self.images, self.batch_size, self._embed_fn)
+        features = embed(
+            self.model, self.images, self.batch_size, self._embed_fn, self.strategy
+        )
         centers, assignments = kmeans_per_class(
             features,
             self.labels,

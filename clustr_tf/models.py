@@ -194,21 +194,8 @@ class ClusTRModel(keras.Model):
         return cls(**config)
 
 
-def evaluate_accuracy(model, dataset, neighbours=None, batch_size=256):
-    """Clean accuracy of both decision rules on a labelled dataset.
-
-    Args:
-        model: a `ClusTRModel`.
-        dataset: unbatched `tf.data.Dataset` of `(image [H, W, C] in [0, 1], label)`.
-        neighbours: L of the soft-kNC rule for this evaluation (official: 20); defaults to
-            the model's.
-        batch_size: int.
-
-    Returns:
-        dict with `clean_accuracy` (soft kNC), `nearest_center_accuracy` (the certified
-        rule), `agreement` (fraction of examples where both rules predict the same class)
-        and `num_examples`.
-    """
+def prediction_function(model, neighbours=None):
+    """A `tf.function` images -> (soft-kNC class, nearest-center class); reuse it."""
     layer = model.cluster_centers
 
     @tf.function(reduce_retracing=True)
@@ -219,6 +206,27 @@ def evaluate_accuracy(model, dataset, neighbours=None, batch_size=256):
         hard = tf.argmin(distances, axis=-1) // layer.clusters_per_class
         return soft, hard
 
+    return predict
+
+
+def evaluate_accuracy(model, dataset, neighbours=None, batch_size=256, predict_fn=None):
+    """Clean accuracy of both decision rules on a labelled dataset.
+
+    Args:
+        model: a `ClusTRModel`.
+        dataset: unbatched `tf.data.Dataset` of `(image [H, W, C] in [0, 1], label)`.
+        neighbours: L of the soft-kNC rule for this evaluation (official: 20); defaults to
+            the model's.
+        batch_size: int.
+        predict_fn: the result of `prediction_function(model, neighbours)`, to reuse
+            one trace across calls.
+
+    Returns:
+        dict with `clean_accuracy` (soft kNC), `nearest_center_accuracy` (the certified
+        rule), `agreement` (fraction of examples where both rules predict the same class)
+        and `num_examples`.
+    """
+    predict = predict_fn or prediction_function(model, neighbours)
     totals = {"soft": 0, "hard": 0, "agree": 0, "n": 0}
     for images, labels in dataset.batch(batch_size).prefetch(2):
         soft, hard = predict(images)

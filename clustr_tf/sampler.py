@@ -456,12 +456,21 @@ class NeighbourhoodSampler:
         )
         return indices, clusters
 
-    def dataset(self):
+    def dataset(self, start=0, stream=0, augment=None):
         """An infinite dataset of neighbourhood batches.
 
-        Batch i is drawn with the stateless seed `[seed, i]` from the state at the time it
-        is built, so recorded losses and `update` take effect on later batches (after the
-        few batches already prefetched).
+        Batch i is drawn with a stateless seed made from `(seed, stream, i)` from the
+        state at the time it is built, so recorded losses and `update` take effect on
+        later batches (after the few batches already prefetched).
+
+        Args:
+            start: int, the index of the first batch: a resumed run passes the number of
+                batches it already consumed and continues the same sequence.
+            stream: int, selects an independent sequence of batches (one per worker of a
+                multi-worker run).
+            augment: optional `augment(images, seed) -> images` applied to each batch
+                (images float32 [B, H, W, C], seed int [2]), e.g.
+                `clustr_tf.data.augmentation("cifar10")`.
 
         Returns:
             A `tf.data.Dataset` of `(images, info)`: `images` float32 [B, H, W, C] in
@@ -470,18 +479,35 @@ class NeighbourhoodSampler:
             cluster by cluster with the seed first. B is m*d unless a cluster has fewer
             than d examples.
         """
-        base_seed = tf.constant(self._seed, tf.int64)
+        base_seed = tf.constant([self._seed, int(stream)], tf.int64)
 
         def make_batch(step):
-            indices, clusters = self.sample_indices(tf.stack([base_seed, step]))
+            batch_seed = tf.random.experimental.stateless_fold_in(base_seed, step)
+            indices, clusters = self.sample_indices(batch_seed)
             images = tf.gather(self._images, indices)
             if images.dtype == tf.uint8:
                 images = tf.cast(images, tf.float32) / 255.0
+            if augment is not None:
+                images = augment(images, tf.random.experimental.stateless_fold_in(batch_seed, 1))
             labels = tf.gather(self._labels, indices)
             return images, {"labels": labels, "clusters": clusters, "indices": indices}
 
         return (
-            tf.data.Dataset.counter(dtype=tf.int64)
+            tf.data.Dataset.counter(start=int(start), dtype=tf.int64)
             .map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE)
         )
+
+    def state_variables(self):
+        """The sampling state to checkpoint: a dict of name -> tf.Variable.
+
+        Restoring all of them (e.g. with `tf.train.Checkpoint(**sampler.state_variables())`)
+        brings back assignments, impostors, member lists and recorded losses together.
+        """
+        return {
+            "assignments": self.assignments,
+            "impostors": self.impostors,
+            "example_losses": self.example_losses,
+            "members": self._members,
+            "offsets": self._offsets,
+        }

@@ -4,9 +4,11 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -33,7 +35,7 @@ class EndToEndTest(absltest.TestCase):
         out = _run("--epochs=2", "--steps_per_epoch=2", f"--model_dir={run}", "--seed=3")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         for name in ("config.json", "metrics.json", "model.keras", "training_log.csv",
-                     os.path.join("checkpoints", "last.keras")):
+                     os.path.join("checkpoints", "checkpoint")):
             self.assertTrue(os.path.exists(os.path.join(run, name)), name)
         self.assertTrue(os.listdir(os.path.join(run, "logs")))
         with open(os.path.join(run, "metrics.json")) as fh:
@@ -53,6 +55,42 @@ class EndToEndTest(absltest.TestCase):
                          (2, 12, 20, 12.5, 10, 1e-4))
         self.assertEqual(config["seed"], 3)
         self.assertIn("Epoch 1/2", out.stdout)  # Keras progress output is on
+
+
+class ResumeAfterKillTest(absltest.TestCase):
+    def test_sigkill_then_rerun_continues_and_logs_each_epoch_once(self):
+        run = os.path.join(_tempdir(self), "run")
+        args = [sys.executable, MAIN, "--epochs=5", "--steps_per_epoch=6", "--checkpoint_every_steps=2",
+                f"--model_dir={run}", "--seed=1"]
+        csv_path = os.path.join(run, "training_log.csv")
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                if os.path.exists(csv_path):
+                    with open(csv_path) as fh:
+                        if len(fh.read().splitlines()) >= 3:  # header + epochs 0 and 1
+                            break
+                time.sleep(0.05)
+            self.assertIsNone(proc.poll(), "training finished before it could be killed")
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.communicate()
+        self.assertFalse(os.path.exists(os.path.join(run, "metrics.json")))
+        out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+        self.assertIn("Restored", out.stderr)
+        restored_epoch = int(out.stderr.split("Restored")[1].split("epoch ")[1].split(",")[0])
+        # Killed after epoch 1 was logged: the state saved at or after its last
+        # mid-epoch checkpoint comes back, never the start.
+        self.assertGreaterEqual(restored_epoch, 1)
+        self.assertNotIn("Epoch 1/5", out.stdout)  # it did not start over
+        self.assertIn(f"Epoch {restored_epoch + 1}/5", out.stdout)
+        with open(csv_path) as fh:
+            rows = list(csv.DictReader(fh))
+        self.assertEqual([r["epoch"] for r in rows], ["0", "1", "2", "3", "4"])
+        self.assertTrue(os.path.exists(os.path.join(run, "metrics.json")))
 
 
 class BadInputTest(parameterized.TestCase):

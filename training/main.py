@@ -27,12 +27,17 @@ from absl import logging
 # Number of classes of each dataset the binary accepts: flags are checked against it
 # before TensorFlow is imported, so that a bad flag fails fast with one line.
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
+# Datasets whose classes are read from --data_dir (the sorted class folders).
+FOLDER_DATASETS = ("image_folder",)
 BACKBONES = ("auto", "convnet", "resnet18")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
 
 def define_flags():
     """Defines the binary's flags (official ClusTR defaults where they apply)."""
-    flags.DEFINE_string("dataset", "digits", f"One of {sorted(DATASET_CLASSES)}.")
+    flags.DEFINE_string(
+        "dataset", "digits", f"One of {sorted(DATASET_CLASSES) + list(FOLDER_DATASETS)}."
+    )
     flags.DEFINE_string("data_dir", None, "Where datasets live (TFDS data_dir).")
     flags.DEFINE_bool("download", True, "Download a TFDS dataset missing from --data_dir.")
     flags.DEFINE_string("model_dir", None, "Run directory. Default: runs/<dataset>-<time>.")
@@ -52,6 +57,32 @@ def define_flags():
     flags.DEFINE_integer("refresh_every", 1, "Re-cluster after every this many epochs.")
     flags.DEFINE_integer("eval_batch_size", 256, "Batch size of embedding and evaluation.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_string(
+        "strategy", "auto", "auto, default, mirrored, multi_worker (TF_CONFIG) or tpu."
+    )
+    flags.DEFINE_string("tpu", None, "TPU name or address for --strategy=tpu.")
+    flags.DEFINE_string(
+        "lr_milestones", None,
+        "Comma-separated epochs where the learning rate is multiplied by --lr_decay; "
+        "auto = at 1/3 and 2/3 of --epochs (official: 30,60 of 90); none = constant. "
+        "Default: none for digits, auto otherwise.",
+    )
+    flags.DEFINE_float("lr_decay", 0.1, "Learning-rate factor at each milestone.")
+    flags.DEFINE_float("xent_lambda", 0.0, "Weight of a cross-entropy term on the soft-kNC logits.")
+    flags.DEFINE_float(
+        "consistency_lambda", 0.0, "ClusTR+QTRADES: weight of KL(p(x) || p(x_adv)) (official 8)."
+    )
+    flags.DEFINE_float("consistency_eps", 8.0, "QTRADES l_inf radius, in 1/255 units.")
+    flags.DEFINE_float("consistency_step", 10.0, "QTRADES step size, in 1/255 units.")
+    flags.DEFINE_string(
+        "init_checkpoint", None, "A .keras ClusTR model (or a run directory) to start from."
+    )
+    flags.DEFINE_bool("mixed_precision", False, "mixed_float16 compute (for GPUs).")
+    flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA (accelerators).")
+    flags.DEFINE_integer(
+        "checkpoint_every_steps", 100, "Save the training state this often (and every epoch)."
+    )
+    flags.DEFINE_bool("augment", True, "Official augmentation (crop + flip) for CIFAR.")
 
 
 class ConfigError(ValueError):
@@ -80,6 +111,49 @@ class Config:
     refresh_every: int
     eval_batch_size: int
     seed: int
+    strategy: str
+    tpu: str | None
+    lr_milestones: tuple
+    lr_decay: float
+    xent_lambda: float
+    consistency_lambda: float
+    consistency_eps: float
+    consistency_step: float
+    init_checkpoint: str | None
+    mixed_precision: bool
+    jit_compile: bool
+    checkpoint_every_steps: int
+    augment: bool
+
+
+def _folder_classes(name, data_dir):
+    """The number of class folders of an image-folder dataset (imports TensorFlow)."""
+    if not data_dir:
+        raise ConfigError(f"--dataset={name} needs --data_dir (a folder or .tar.gz of split/class/image).")
+    from clustr_tf import data
+
+    try:
+        return len(data.class_names(name, data_dir=data_dir))
+    except (ValueError, data.DatasetNotFoundError) as e:
+        raise ConfigError(f"{e}") from None
+
+
+def _parse_milestones(text, epochs):
+    if text == "auto":
+        return tuple(sorted({max(1, round(epochs / 3)), max(1, round(2 * epochs / 3))}))
+    if text in ("", "none"):
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--lr_milestones must be 'auto', 'none' or comma-separated epochs. Received: {text!r}"
+        ) from None
+    if any(v < 1 for v in values) or list(values) != sorted(set(values)):
+        raise ConfigError(
+            f"--lr_milestones must be increasing epochs >= 1. Received: {text!r}"
+        )
+    return values
 
 
 def _check_model_dir(path):
@@ -97,10 +171,10 @@ def _check_model_dir(path):
 
 def config_from_flags(f):
     """Validates the flags and returns a frozen `Config`; raises `ConfigError`."""
-    if f.dataset not in DATASET_CLASSES:
+    if f.dataset not in DATASET_CLASSES and f.dataset not in FOLDER_DATASETS:
         raise ConfigError(
-            f"Unknown --dataset. Expected one of {', '.join(sorted(DATASET_CLASSES))}. "
-            f"Received: {f.dataset!r}"
+            "Unknown --dataset. Expected one of "
+            f"{', '.join(sorted(DATASET_CLASSES) + list(FOLDER_DATASETS))}. Received: {f.dataset!r}"
         )
     if f.backbone not in BACKBONES:
         raise ConfigError(
@@ -112,13 +186,30 @@ def config_from_flags(f):
     for name in ("epochs", "steps_per_epoch", "eval_L"):
         if getattr(f, name) is not None and getattr(f, name) < 1:
             raise ConfigError(f"--{name} must be >= 1. Received: {getattr(f, name)}")
+    if f.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"Unknown --strategy. Expected one of {', '.join(STRATEGIES)}. Received: {f.strategy!r}"
+        )
+    for name in ("xent_lambda", "consistency_lambda", "consistency_eps", "consistency_step"):
+        if not getattr(f, name) >= 0:
+            raise ConfigError(f"--{name} must be >= 0. Received: {getattr(f, name)}")
+    if f.checkpoint_every_steps < 0:
+        raise ConfigError(f"--checkpoint_every_steps must be >= 0. Received: {f.checkpoint_every_steps}")
+    if not 0 < f.lr_decay <= 1:
+        raise ConfigError(f"--lr_decay must be in (0, 1]. Received: {f.lr_decay}")
+    if f.init_checkpoint is not None and not os.path.exists(f.init_checkpoint):
+        raise ConfigError(f"--init_checkpoint does not exist. Received: {f.init_checkpoint}")
+    epochs = f.epochs or (40 if f.dataset == "digits" else 90)
+    milestones = _parse_milestones(
+        f.lr_milestones or ("none" if f.dataset == "digits" else "auto"), epochs
+    )
     if not f.lr > 0:
         raise ConfigError(f"--lr must be > 0. Received: {f.lr}")
     if not f.alpha >= 0:
         raise ConfigError(f"--alpha must be >= 0. Received: {f.alpha}")
     if not f.width_multiplier > 0:
         raise ConfigError(f"--width_multiplier must be > 0. Received: {f.width_multiplier}")
-    classes = DATASET_CLASSES[f.dataset]
+    classes = DATASET_CLASSES.get(f.dataset) or _folder_classes(f.dataset, f.data_dir)
     clusters = classes * f.k
     if f.m > (classes - 1) * f.k + 1:
         raise ConfigError(
@@ -154,11 +245,24 @@ def config_from_flags(f):
         L=f.L,
         eval_L=eval_l,
         lr=f.lr,
-        epochs=f.epochs,
+        epochs=epochs,
         steps_per_epoch=f.steps_per_epoch,
         refresh_every=f.refresh_every,
         eval_batch_size=f.eval_batch_size,
         seed=f.seed,
+        strategy=f.strategy,
+        tpu=f.tpu,
+        lr_milestones=milestones,
+        lr_decay=f.lr_decay,
+        xent_lambda=f.xent_lambda,
+        consistency_lambda=f.consistency_lambda,
+        consistency_eps=f.consistency_eps / 255.0,
+        consistency_step=f.consistency_step / 255.0,
+        init_checkpoint=f.init_checkpoint,
+        mixed_precision=f.mixed_precision,
+        jit_compile=f.jit_compile,
+        checkpoint_every_steps=f.checkpoint_every_steps,
+        augment=f.augment,
     )
 
 
@@ -179,66 +283,97 @@ def build_model(config, info):
     )
 
 
+def _load_init_checkpoint(model, path):
+    """Copies the weights of a saved ClusTR model (a .keras file or a run directory)."""
+    import keras
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.keras")
+    try:
+        source = keras.saving.load_model(path)
+    except Exception as e:  # noqa: BLE001: any load failure becomes one clear message
+        raise ConfigError(f"--init_checkpoint cannot be loaded ({type(e).__name__}: {e}). Received: {path}") from None
+    shapes = [tuple(w.shape) for w in source.weights]
+    if shapes != [tuple(w.shape) for w in model.weights]:
+        raise ConfigError(
+            "--init_checkpoint has another architecture than this run's model (check "
+            f"--backbone, --width_multiplier, --k, --dataset). Received: {path}"
+        )
+    model.set_weights(source.get_weights())
+    logging.info("Initialised from %s", path)
+
+
 def train_and_evaluate(config):
     """Runs training and evaluation; returns the metrics dict written to metrics.json."""
     import keras
+    import tensorflow as tf
 
-    from clustr_tf import clustering
     from clustr_tf import data
-    from clustr_tf import losses
+    from clustr_tf import distribute
     from clustr_tf import models
     from clustr_tf import sampler as sampler_lib
+    from clustr_tf import training
 
     keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
     start = time.time()
-    info = data.info(config.dataset)
+    strategy = distribute.get_strategy(config.strategy, config.tpu)
+    logging.info("Strategy %s with %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
+    info = data.info(config.dataset, data_dir=config.data_dir)
     images, labels = data.load_arrays(
-        config.dataset, "train", data_dir=config.data_dir, download=config.download
+        config.dataset, "train", data_dir=config.data_dir, download=config.download,
+        dtype="float32" if config.dataset == "digits" else "uint8",
     )
     logging.info("%s: %d training images of shape %s", config.dataset, len(images), images.shape[1:])
     sampler = sampler_lib.NeighbourhoodSampler(
-        images,
-        labels,
-        num_classes=info.num_classes,
-        clusters_per_class=config.k,
-        m=config.m,
-        d=config.d,
-        seed=config.seed,
+        images, labels, num_classes=info.num_classes, clusters_per_class=config.k,
+        m=config.m, d=config.d, seed=config.seed,
     )
-    model = build_model(config, info)
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.lr),
-        loss=losses.MagnetLoss(clusters_per_class=config.k, alpha=config.alpha),
-        metrics=["accuracy"],
-    )
-    epochs = config.epochs or (40 if config.dataset == "digits" else 90)
-    steps = config.steps_per_epoch or math.ceil(len(images) / sampler.batch_size)
+    del images
+    replicas = strategy.num_replicas_in_sync
+    steps = config.steps_per_epoch or max(1, math.ceil(len(labels) / (sampler.batch_size * replicas)))
+    with strategy.scope():
+        model = build_model(config, info)
+        if config.init_checkpoint:
+            _load_init_checkpoint(model, config.init_checkpoint)
+        learning_rate = config.lr
+        if config.lr_milestones:
+            learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
+                [m * steps for m in config.lr_milestones],
+                [config.lr * config.lr_decay**i for i in range(len(config.lr_milestones) + 1)],
+            )
+        optimizer = keras.optimizers.Adam(learning_rate)
+        if config.mixed_precision:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     test = data.load(config.dataset, "test", data_dir=config.data_dir, download=config.download)
-    checkpoints = os.path.join(config.model_dir, "checkpoints")
-    os.makedirs(checkpoints, exist_ok=True)
-    callbacks = [
-        # First, so that later callbacks see its variance and center_separation logs.
-        clustering.ClusterRefresh(
-            sampler,
-            frequency=config.refresh_every,
-            batch_size=config.eval_batch_size,
+    trainer = training.Trainer(
+        model, optimizer, sampler, strategy, config.model_dir,
+        training.TrainConfig(
+            epochs=config.epochs,
+            steps_per_epoch=steps,
+            alpha=config.alpha,
+            xent_lambda=config.xent_lambda,
+            consistency_lambda=config.consistency_lambda,
+            consistency_eps=config.consistency_eps,
+            consistency_step=config.consistency_step,
+            refresh_every=config.refresh_every,
+            eval_neighbours=config.eval_L,
+            eval_batch_size=config.eval_batch_size,
+            checkpoint_every_steps=config.checkpoint_every_steps,
+            jit_compile=config.jit_compile,
             seed=config.seed,
         ),
-        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "last.keras")),
-        keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
-        keras.callbacks.CSVLogger(os.path.join(config.model_dir, "training_log.csv")),
-    ]
-    model.fit(
-        sampler.dataset(),
-        epochs=epochs,
-        steps_per_epoch=steps,
-        validation_data=test.batch(config.eval_batch_size),
-        callbacks=callbacks,
-        shuffle=False,
-        verbose=1,
+        test_dataset=test,
+        augment=data.augmentation(config.dataset) if config.augment else None,
     )
+    try:
+        trainer.train()
+    except RuntimeError as e:
+        if "Cannot restore" in str(e):
+            raise ConfigError(str(e)) from None
+        raise
     train_seconds = time.time() - start
-    model.save(os.path.join(config.model_dir, "model.keras"))
     metrics = models.evaluate_accuracy(
         model, test, neighbours=config.eval_L, batch_size=config.eval_batch_size
     )
@@ -247,14 +382,17 @@ def train_and_evaluate(config):
             "split": "test",
             "dataset": config.dataset,
             "eval_L": config.eval_L,
-            "epochs": epochs,
+            "epochs": config.epochs,
             "steps_per_epoch": steps,
+            "replicas": replicas,
             "train_seconds": round(train_seconds, 2),
             "total_seconds": round(time.time() - start, 2),
         }
     )
-    with open(os.path.join(config.model_dir, "metrics.json"), "w") as fh:
-        json.dump(metrics, fh, indent=2)
+    if trainer.is_chief:
+        model.save(os.path.join(config.model_dir, "model.keras"))
+        with open(os.path.join(config.model_dir, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh, indent=2)
     return metrics
 
 
@@ -269,11 +407,12 @@ def main(argv):
         sys.exit(2)
     with open(os.path.join(config.model_dir, "config.json"), "w") as fh:
         json.dump(dataclasses.asdict(config), fh, indent=2)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     from clustr_tf import data
 
     try:
         metrics = train_and_evaluate(config)
-    except data.DatasetNotFoundError as e:
+    except (data.DatasetNotFoundError, ConfigError) as e:
         sys.stderr.write(f"main.py: error: {e}\n")
         sys.exit(1)
     logging.info("Run directory: %s", config.model_dir)

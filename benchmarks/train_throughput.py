@@ -1,0 +1,445 @@
+"""Training throughput of ClusTR against a plain cross-entropy Keras step, on this machine.
+
+    python benchmarks/train_throughput.py [--width_multiplier=1.0] [--steps=3]
+        [--train_images=2400] [--out=benchmarks/results/train_throughput.json]
+
+Measures, on synthetic CIFAR-shaped data (random uint8 images, random labels over 10
+classes: the pixel values do not change the time of a step), with the CIFAR ResNet-18 of
+`clustr_tf.backbones`:
+
+1. `xent`: the step a Keras user gets for the same backbone + Dense(10):
+   `model.compile(Adam, sparse categorical cross-entropy, jit_compile=False)` and
+   `model.train_on_batch` on one fixed batch of m*d images (Keras traces its train
+   function as a `tf.function`).
+2. `clustr`: `Trainer._distributed_step()` (the step `Trainer.train` runs) on an iterator
+   of the neighbourhood sampler's dataset, default strategy, same backbone and batch.
+3. `clustr_qtrades`: the same with `consistency_lambda=8` (ClusTR+QTRADES).
+4. `sampler`: batches per second of `NeighbourhoodSampler.dataset()` alone, against the
+   ClusTR step's consumption rate (`sampler_to_step_ratio`).
+5. `refresh`: one `trainer.refresher.refresh()` (embedding pass + per-class k-means +
+   variance + sampler update) against one `clustering.embed` pass over the same images.
+
+Every variant runs `--warmup_steps` untimed steps first (the first one traces); a timed
+step runs from the call to the moment its loss is a numpy value (`time.perf_counter`), and
+the reported time is the median of `--steps` timed steps. With `--breakdown` the QTRADES
+perturbation alone and a plain inference forward pass of one batch are timed the same way,
+to show where a QTRADES step's time goes. XLA is off everywhere (`jit_compile=False`).
+
+Saves the result file and prints it as one JSON object on the last line.
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "train_throughput.json")
+NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 3)
+
+# The targets, as (result key, comparison, bound).
+TARGETS = {
+    "ratio": ("<=", 1.10),
+    "qtrades_ratio": ("<=", 2.2),
+    "sampler_to_step_ratio": (">=", 10.0),
+    "refresh_to_inference_ratio": ("<=", 1.3),
+}
+
+
+def define_flags():
+    """Defines the benchmark's flags."""
+    flags.DEFINE_float("width_multiplier", 1.0, "ResNet-18 width multiplier.")
+    flags.DEFINE_integer("m", 12, "Clusters per neighbourhood batch.")
+    flags.DEFINE_integer("d", 20, "Examples drawn from each cluster of a batch.")
+    flags.DEFINE_integer("batch", None, "Batch size m*d; when set, d = batch / m. Default: m*d.")
+    flags.DEFINE_integer("k", 2, "Clusters per class K.")
+    flags.DEFINE_integer("steps", 3, "Timed steps per variant (the median is reported).")
+    flags.DEFINE_integer("warmup_steps", 1, "Untimed steps per variant (the first traces).")
+    flags.DEFINE_integer("train_images", 2400, "Images of the training set (sampler, refresh).")
+    flags.DEFINE_integer("refresh_repeats", 1, "Timed refreshes and inference passes (median).")
+    flags.DEFINE_integer("sampler_batches", 100, "Batches timed for the sampler alone.")
+    flags.DEFINE_integer("eval_batch_size", 256, "Batch size of the embedding pass.")
+    flags.DEFINE_bool("augment", True, "Use the CIFAR-10 augmentation in the sampler's dataset.")
+    flags.DEFINE_bool("breakdown", True, "Also time the QTRADES attack and an inference forward.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_string("out", DEFAULT_OUT, "Where to write the JSON result.")
+
+
+def device_description():
+    """CPU model, core count, accelerators and library versions."""
+    import keras
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "accelerators": [d.name for d in tf.config.list_physical_devices() if d.device_type != "CPU"],
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+    }
+
+
+class Timer:
+    """Times calls of one variant: wall seconds and the CPU share this process got.
+
+    `fn` must return only once its work is done (e.g. after `.numpy()` on a result).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.warmup_s = 0.0
+        self.times = []
+        self.cpu_times = []
+        self.cpu_shares = []
+
+    def warm_up(self, calls):
+        start = time.perf_counter()
+        for _ in range(calls):
+            self.fn()
+        self.warmup_s += time.perf_counter() - start
+
+    def timed_call(self):
+        cpu, start = time.process_time(), time.perf_counter()
+        self.fn()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        self.times.append(wall)
+        self.cpu_times.append(cpu)
+        self.cpu_shares.append(cpu / (wall * (os.cpu_count() or 1)))
+
+    @property
+    def median(self):
+        return statistics.median(self.times)
+
+    def summary(self, batch=None):
+        out = {
+            "step_s": round(self.median, 4),
+            "timed_steps_s": [round(t, 4) for t in self.times],
+            "warmup_s": round(self.warmup_s, 2),
+            # CPU time of this process / (wall time x cores): well below 1 means other
+            # processes took cores during the timed calls.
+            "cpu_share": round(statistics.median(self.cpu_shares), 3),
+            # CPU seconds of this process per call (all threads): less sensitive to other
+            # processes than wall time.
+            "cpu_s": round(statistics.median(self.cpu_times), 3),
+        }
+        if batch:
+            out["images_per_s"] = round(batch / self.median, 2)
+        return out
+
+
+def interleave(timers, warmup, rounds):
+    """Warms every timer up, then times one call of each per round, in turn.
+
+    Interleaving spreads any load from other processes over all variants alike, so the
+    ratios stay meaningful on a shared machine.
+    """
+    for timer in timers:
+        timer.warm_up(warmup)
+    for _ in range(rounds):
+        for timer in timers:
+            timer.timed_call()
+
+
+def met(value, comparison, bound):
+    return bool(value <= bound) if comparison == "<=" else bool(value >= bound)
+
+
+def run(f):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from clustr_tf import backbones
+    from clustr_tf import clustering
+    from clustr_tf import models
+    from clustr_tf import sampler as sampler_lib
+    from clustr_tf import training
+
+    total_start = time.perf_counter()
+    load_start = os.getloadavg()
+    m, d = f.m, f.d
+    if f.batch is not None:
+        if f.batch < m or f.batch % m:
+            raise app.UsageError(f"--batch must be a positive multiple of --m={m}. Received: {f.batch}")
+        d = f.batch // m
+    batch = m * d
+    if f.train_images < NUM_CLASSES * f.k * d:
+        raise app.UsageError(
+            f"--train_images must be >= num_classes * k * d = {NUM_CLASSES * f.k * d} so that "
+            f"every cluster can give d examples. Received: {f.train_images}"
+        )
+    keras.utils.set_random_seed(f.seed)
+    rng = np.random.default_rng(f.seed)
+    images = rng.integers(0, 256, size=(f.train_images, *IMAGE_SHAPE), dtype=np.uint8)
+    # Balanced random labels (every class has train_images / 10 examples, +-1).
+    labels = rng.permutation(np.arange(f.train_images) % NUM_CLASSES).astype(np.int64)
+
+    augment, augment_name = None, "none (--noaugment)"
+    if f.augment:
+        try:
+            from clustr_tf import data
+
+            augment = data.augmentation("cifar10")
+            probe = augment(tf.zeros([2, *IMAGE_SHAPE]), tf.constant([0, 1], tf.int64))
+            if tuple(probe.shape) != (2, *IMAGE_SHAPE):
+                raise ValueError(f"it maps [2, 32, 32, 3] to {tuple(probe.shape)}")
+            augment_name = "clustr_tf.data.augmentation('cifar10')"
+        except Exception as e:  # the data module may be mid-edit
+            augment = None
+            augment_name = f"none (augmentation unavailable: {type(e).__name__}: {e})"
+            logging.warning("No augmentation: %s", augment_name)
+
+    def backbone():
+        return backbones.resnet18(IMAGE_SHAPE, width_multiplier=f.width_multiplier)
+
+    result = {
+        "settings": {
+            "width_multiplier": f.width_multiplier,
+            "batch": batch,
+            "m": m,
+            "d": d,
+            "clusters_per_class": f.k,
+            "num_classes": NUM_CLASSES,
+            "steps": f.steps,
+            "warmup_steps": f.warmup_steps,
+            "train_images": f.train_images,
+            "sampler_batches": f.sampler_batches,
+            "eval_batch_size": f.eval_batch_size,
+            "augmentation": augment_name,
+            "data": "synthetic random uint8 images 32x32x3, random balanced labels (10 classes)",
+            "optimizer": "Adam(1e-4)",
+            "jit_compile": False,
+            "strategy": "default (tf.distribute.get_strategy())",
+            "xent_step": "model.compile(...) + model.train_on_batch (Keras-traced tf.function)",
+            "clustr_step": "Trainer._distributed_step() on iter(Trainer._dataset(0))",
+        },
+        "device": device_description(),
+    }
+
+    # ---- 1. cross-entropy baseline ----------------------------------------------------------
+    logging.info("xent: building")
+    inputs = keras.Input(IMAGE_SHAPE)
+    xent_model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(backbone()(inputs)))
+    xent_model.compile(
+        optimizer=keras.optimizers.Adam(1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=False,
+    )
+    x_batch = tf.constant(images[:batch].astype(np.float32) / 255.0)
+    y_batch = tf.constant(labels[:batch])
+    xent = Timer(lambda: xent_model.train_on_batch(x_batch, y_batch))
+
+    # ---- 2. ClusTR step --------------------------------------------------------------------
+    strategy = tf.distribute.get_strategy()
+    sampler = sampler_lib.NeighbourhoodSampler(
+        images, labels, num_classes=NUM_CLASSES, clusters_per_class=f.k, m=m, d=d, seed=f.seed
+    )
+    tmp = tempfile.TemporaryDirectory()
+
+    def make_trainer(consistency_lambda, name):
+        with strategy.scope():
+            model = models.ClusTRModel(backbone(), NUM_CLASSES, clusters_per_class=f.k)
+            optimizer = keras.optimizers.Adam(1e-4)
+        config = training.TrainConfig(
+            epochs=1, steps_per_epoch=1, consistency_lambda=consistency_lambda,
+            eval_batch_size=f.eval_batch_size, seed=f.seed, jit_compile=False,
+        )
+        return training.Trainer(
+            model, optimizer, sampler, strategy, os.path.join(tmp.name, name), config,
+            augment=augment,
+        )
+
+    def step_timer(trainer):
+        iterator = iter(trainer._dataset(0))
+        step_fn = trainer._distributed_step()
+        return lambda: step_fn(iterator)["loss"].numpy()
+
+    logging.info("clustr: building; first refresh (also the refresh warm-up)")
+    trainer = make_trainer(0.0, "clustr")
+    start = time.perf_counter()
+    trainer.refresher.refresh()  # as Trainer.train does before the first step
+    first_refresh = time.perf_counter() - start
+    clustr = Timer(step_timer(trainer))
+
+    # ---- 3. ClusTR+QTRADES step ------------------------------------------------------------
+    logging.info("clustr_qtrades: building")
+    q_trainer = make_trainer(8.0, "qtrades")
+    layer, q_layer = trainer.model.cluster_centers, q_trainer.model.cluster_centers
+    q_layer.centers.assign(layer.centers)  # finite, refreshed-looking centers without a refresh
+    q_layer.variance.assign(layer.variance)
+    qtrades = Timer(step_timer(q_trainer))
+
+    logging.info("steps: %d warm-up and %d timed rounds of xent, clustr, clustr_qtrades",
+                 f.warmup_steps, f.steps)
+    interleave([xent, clustr, qtrades], f.warmup_steps, f.steps)
+    result["xent"] = xent.summary(batch)
+    result["clustr"] = clustr.summary(batch)
+    result["clustr_qtrades"] = qtrades.summary(batch)
+    for name in ("xent", "clustr", "clustr_qtrades"):
+        logging.info("%s: %s", name, result[name])
+    del xent_model
+
+    if f.breakdown:
+        q_model, q_config = q_trainer.model, q_trainer.config
+        sample = next(iter(sampler.dataset(augment=augment)))[0]
+
+        @tf.function
+        def attack(x):
+            return training.qtrades_perturbation(
+                q_model, x, q_config.consistency_eps, q_config.consistency_step,
+                tf.constant([0, 1], tf.int64),
+            )
+
+        @tf.function
+        def forward(x):
+            return q_model(x, training=False)
+
+        parts = {
+            "forward_inference": Timer(lambda: forward(sample).numpy()),
+            "qtrades_attack": Timer(lambda: attack(sample).numpy()),
+        }
+        interleave(list(parts.values()), f.warmup_steps, f.steps)
+        breakdown = {f"{name}_s": round(timer.median, 4) for name, timer in parts.items()}
+        breakdown["cpu_share"] = round(
+            statistics.median(s for t in parts.values() for s in t.cpu_shares), 3
+        )
+        q_step = result["clustr_qtrades"]["step_s"]
+        breakdown["qtrades_step_minus_attack_s"] = round(q_step - breakdown["qtrades_attack_s"], 4)
+        breakdown["note"] = (
+            "forward_inference: model(x, training=False) on one batch; qtrades_attack: "
+            "training.qtrades_perturbation alone (clean forward + forward/backward to the "
+            "input); the rest of a QTRADES step is two training forwards (clean and "
+            "adversarial) and their backward pass, vs one of each in a ClusTR step"
+        )
+        result["qtrades_breakdown"] = breakdown
+        logging.info("qtrades breakdown: %s", breakdown)
+    del q_trainer
+
+    # ---- 4. sampler alone ------------------------------------------------------------------
+    logging.info("sampler: %d batches", f.sampler_batches)
+    iterator = iter(sampler.dataset(start=10_000, augment=augment))
+    for _ in range(10):  # warm-up: trace, fill the prefetch buffer
+        next(iterator)
+    cpu, start = time.process_time(), time.perf_counter()
+    for _ in range(f.sampler_batches):
+        x, info = next(iterator)
+    _ = x.numpy(), info["indices"].numpy()
+    sampler_s = time.perf_counter() - start
+    sampler_cpu = (time.process_time() - cpu) / (sampler_s * (os.cpu_count() or 1))
+    sampler_rate = f.sampler_batches / sampler_s
+    result["sampler"] = {
+        "batches_per_s": round(sampler_rate, 2),
+        "batch_ms": round(1000 * sampler_s / f.sampler_batches, 3),
+        "batches": f.sampler_batches,
+        "cpu_share": round(sampler_cpu, 3),
+    }
+    logging.info("sampler: %s", result["sampler"])
+
+    # ---- 5. refresh vs inference -----------------------------------------------------------
+    logging.info("refresh: %d images", f.train_images)
+    embed_fn = clustering.embedding_function(trainer.model)
+    features = []
+
+    def embed(images=sampler.images):
+        features[:] = [clustering.embed(trainer.model, images, f.eval_batch_size, embed_fn)]
+
+    # Warm-up on one full batch and a last batch of the same size as the full pass's: the
+    # same shapes are traced and run, at a fraction of a full pass's cost.
+    remainder = f.train_images % f.eval_batch_size or f.eval_batch_size
+    subset = sampler.images[: min(f.train_images, f.eval_batch_size + remainder)]
+    start = time.perf_counter()
+    embed(subset)
+    inference_warmup_s = time.perf_counter() - start
+    inference = Timer(embed)
+    refresh = Timer(trainer.refresher.refresh)  # warmed up by the first refresh above
+    interleave([inference, refresh], 0, f.refresh_repeats)
+    start = time.perf_counter()
+    clustering.kmeans_per_class(features[0], sampler.labels, NUM_CLASSES, f.k, seed=f.seed)
+    kmeans_s = time.perf_counter() - start
+    refresh_s, inference_s = refresh.median, inference.median
+    result["refresh"] = {
+        "refresh_s": round(refresh_s, 3),
+        "inference_s": round(inference_s, 3),
+        "inference_images_per_s": round(f.train_images / inference_s, 2),
+        "kmeans_s": round(kmeans_s, 3),
+        "cpu_share": round(statistics.median(inference.cpu_shares + refresh.cpu_shares), 3),
+        "first_refresh_s": round(first_refresh, 3),
+        "inference_warmup_s": round(inference_warmup_s, 3),
+        "images": f.train_images,
+        "repeats": f.refresh_repeats,
+    }
+    logging.info("refresh: %s", result["refresh"])
+    tmp.cleanup()
+
+    # ---- summary ---------------------------------------------------------------------------
+    clustr_s = result["clustr"]["step_s"]
+    result.update({
+        "clustr_images_per_s": result["clustr"]["images_per_s"],
+        "xent_images_per_s": result["xent"]["images_per_s"],
+        "qtrades_images_per_s": result["clustr_qtrades"]["images_per_s"],
+        "xent_step_s": result["xent"]["step_s"],
+        "clustr_step_s": clustr_s,
+        "qtrades_step_s": result["clustr_qtrades"]["step_s"],
+        "ratio": round(clustr_s / result["xent"]["step_s"], 3),
+        "qtrades_ratio": round(result["clustr_qtrades"]["step_s"] / clustr_s, 3),
+        "sampler_to_step_ratio": round(sampler_rate * clustr_s, 2),
+        "refresh_to_inference_ratio": round(refresh_s / inference_s, 3),
+    })
+    # The same ratios round by round (each round times the variants back to back), and on
+    # this process's CPU seconds: when other processes share the machine, these show how
+    # much of the spread is the load.
+    result["ratio_by_round"] = [round(c / x, 3) for c, x in zip(clustr.times, xent.times)]
+    result["qtrades_ratio_by_round"] = [round(q / c, 3) for q, c in zip(qtrades.times, clustr.times)]
+    result["ratio_cpu_s"] = round(result["clustr"]["cpu_s"] / result["xent"]["cpu_s"], 3)
+    result["qtrades_ratio_cpu_s"] = round(
+        result["clustr_qtrades"]["cpu_s"] / result["clustr"]["cpu_s"], 3
+    )
+    result["targets"] = {
+        key: {"value": result[key], "target": f"{cmp} {bound}", "met": met(result[key], cmp, bound)}
+        for key, (cmp, bound) in TARGETS.items()
+    }
+    result["load_average_1min"] = {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}
+    result["total_wall_s"] = round(time.perf_counter() - total_start, 1)
+    result["date"] = time.strftime("%Y-%m-%d")
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    result = run(flags.FLAGS)
+    out = flags.FLAGS.out
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=2)
+            fh.write("\n")
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

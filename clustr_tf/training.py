@@ -1,0 +1,396 @@
+"""The ClusTR training loop on `strategy.run`: one code path from one CPU to many workers.
+
+`Trainer` trains a `ClusTRModel` with the magnet loss (plus, optionally, the cross-entropy
+and the QTRADES consistency terms of the paper's recipes) under any `tf.distribute`
+strategy:
+
+- every replica trains on its own whole neighbourhood batch (m clusters x d examples),
+  fed by `strategy.distribute_datasets_from_function`;
+- the loss of each replica is divided by the global batch size
+  (`tf.nn.compute_average_loss`), and Keras's optimizer sums the gradients over replicas,
+  so R replicas on R batches make the update one replica makes on all of them;
+- variables a replica assigns itself (batch-norm moving statistics, aggregation NONE)
+  are averaged over replicas after each step, so every replica holds the same model;
+- the cluster refresh embeds the training set under the strategy, and every worker runs
+  the same k-means on the same features, so centers agree everywhere;
+- a `tf.train.CheckpointManager` saves model, optimizer, epoch and the sampler's state
+  every `checkpoint_every_steps` steps and at the end of each epoch; a new `Trainer` on the
+  same directory continues from there (after a kill, at most the steps since the last
+  save are lost). Workers other than the chief save into their own folders.
+
+The training log (CSV, one row per epoch, each epoch exactly once across restarts),
+TensorBoard scalars and a progress bar are written by the chief.
+
+Reference:
+    Alfarra et al., "Rethinking Clustering for Robustness", BMVC 2021 (ClusTR+QTRADES);
+    Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy",
+    ICML 2019 (TRADES).
+"""
+
+import csv
+import dataclasses
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from clustr_tf import clustering
+from clustr_tf import distribute
+from clustr_tf import losses
+from clustr_tf import models
+
+CSV_NAME = "training_log.csv"
+STATE_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What the loop needs to know (the model, data and optimizer come separately).
+
+    Attributes:
+        epochs: int, epochs to train in total (a resumed run stops at the same epoch).
+        steps_per_epoch: int, steps per epoch (each step: one batch per replica).
+        alpha: float, the magnet loss margin.
+        xent_lambda: float, weight of a cross-entropy term on the soft-kNC logits.
+        consistency_lambda: float, weight of the QTRADES term (0: off; official 8).
+        consistency_eps: float, l_inf radius of its perturbation (official 8/255).
+        consistency_step: float, its signed-gradient step (official 10/255).
+        refresh_every: int, re-cluster after every this many epochs.
+        eval_neighbours: int or None, L of the soft-kNC rule in evaluation.
+        eval_batch_size: int, batch size of embedding and evaluation passes.
+        checkpoint_every_steps: int, save the training state this often (and at epoch
+            ends); 0 saves at epoch ends only.
+        jit_compile: bool, compile the step with XLA (for accelerators).
+        seed: int.
+    """
+
+    epochs: int
+    steps_per_epoch: int
+    alpha: float = 12.5
+    xent_lambda: float = 0.0
+    consistency_lambda: float = 0.0
+    consistency_eps: float = 8.0 / 255.0
+    consistency_step: float = 10.0 / 255.0
+    refresh_every: int = 1
+    eval_neighbours: int | None = None
+    eval_batch_size: int = 256
+    checkpoint_every_steps: int = 100
+    jit_compile: bool = False
+    seed: int = 0
+
+
+def kl_divergence(logits_p, logits_q):
+    """Per-example KL(p || q) between the softmax distributions of two logit tensors."""
+    log_p = tf.nn.log_softmax(tf.cast(logits_p, tf.float32))
+    log_q = tf.nn.log_softmax(tf.cast(logits_q, tf.float32))
+    return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def qtrades_perturbation(model, images, eps, step, seed):
+    """The QTRADES adversarial input: one random-start signed-gradient step on the KL.
+
+    Starts from `images + uniform(-eps, eps)`, takes one step of size `step` along the sign
+    of the gradient of KL(p(images) || p(x)) with respect to x, and projects back into the
+    l_inf ball of radius `eps` and [0, 1]. The model runs in inference mode, and the result
+    is a constant (`stop_gradient`): the attack's gradient never reaches the weights.
+
+    Args:
+        model: a `ClusTRModel` (or any model returning class logits).
+        images: float tensor [B, H, W, C] in [0, 1].
+        eps: float, l_inf radius.
+        step: float, step size.
+        seed: int tensor [2], for the random start.
+
+    Returns:
+        float tensor [B, H, W, C], the perturbed images.
+    """
+    images = tf.stop_gradient(images)
+    clean = tf.stop_gradient(model(images, training=False))
+    start = images + tf.random.stateless_uniform(tf.shape(images), seed, -eps, eps, images.dtype)
+    start = tf.clip_by_value(start, 0.0, 1.0)
+    with tf.GradientTape() as tape:
+        tape.watch(start)
+        divergence = tf.reduce_sum(kl_divergence(clean, model(start, training=False)))
+    grad = tape.gradient(divergence, start)
+    adv = start + step * tf.sign(grad)
+    adv = tf.clip_by_value(tf.clip_by_value(adv, images - eps, images + eps), 0.0, 1.0)
+    return tf.stop_gradient(adv)
+
+
+def per_example_objective(model, images, targets, config, adversarial=None):
+    """The ClusTR training objective per example, on one replica's batch.
+
+    magnet loss (batch form) + xent_lambda * cross-entropy(soft-kNC logits)
+    + consistency_lambda * KL(p(x) || p(x_adv)).
+
+    Args:
+        model: a `ClusTRModel`.
+        images: float tensor [B, H, W, C].
+        targets: dict with "labels" int [B] and "clusters" int [B].
+        config: `TrainConfig`.
+        adversarial: the QTRADES input for `images`, when consistency_lambda > 0.
+
+    Returns:
+        `(total, magnet, logits, features)`: float32 [B] total and magnet-loss values,
+        the clean logits [B, C] and features [B, D].
+    """
+    layer = model.cluster_centers
+    features = model.backbone(images, training=True)
+    magnet = losses.magnet_loss(targets["clusters"], features, layer.clusters_per_class, config.alpha)
+    logits = layer(features)
+    total = magnet
+    if config.xent_lambda:
+        total += config.xent_lambda * tf.nn.sparse_softmax_cross_entropy_with_logits(
+            tf.cast(targets["labels"], tf.int64), logits
+        )
+    if config.consistency_lambda:
+        adv_logits = model(adversarial, training=True)
+        total += config.consistency_lambda * kl_divergence(logits, adv_logits)
+    return total, magnet, logits, features
+
+
+class Trainer:
+    """Trains a `ClusTRModel` under a `tf.distribute` strategy; see the module docstring.
+
+    Build the model and the optimizer inside `strategy.scope()`; create the sampler
+    outside it (its variables are plain CPU variables that each worker keeps).
+
+    Args:
+        model: a `ClusTRModel`, built.
+        optimizer: a Keras optimizer (a `LossScaleOptimizer` under mixed_float16).
+        sampler: a `NeighbourhoodSampler` over the training set.
+        strategy: the `tf.distribute.Strategy` the model was built under.
+        model_dir: the run directory (checkpoints, logs).
+        config: a `TrainConfig`.
+        test_dataset: optional unbatched `(image, label)` dataset evaluated after each
+            epoch (clean and nearest-center accuracy).
+        augment: optional batch augmentation `augment(images, seed)`.
+        verbose: 1 shows "Epoch i/n" and a Keras progress bar on the chief's stdout.
+    """
+
+    def __init__(self, model, optimizer, sampler, strategy, model_dir, config,
+                 test_dataset=None, augment=None, verbose=1):
+        self.model = model
+        self.optimizer = optimizer
+        self.sampler = sampler
+        self.strategy = strategy
+        self.model_dir = model_dir
+        self.config = config
+        self.test_dataset = test_dataset
+        self.augment = augment
+        self.verbose = verbose
+        self.is_chief, self.worker_index, self.num_workers = distribute.worker_info(strategy)
+        self.replicas = strategy.num_replicas_in_sync
+        self.local_replicas = max(self.replicas // self.num_workers, 1)
+        with strategy.scope():
+            self.optimizer.build(model.trainable_variables)
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.refresher = clustering.ClusterRefresh(
+            sampler, batch_size=config.eval_batch_size, seed=config.seed, strategy=strategy
+        )
+        self.refresher.set_model(model)
+        model.loss_recorder = sampler
+        self._synced = [
+            v for v in model.backbone.non_trainable_variables
+            if getattr(v.value, "aggregation", None) == tf.VariableAggregation.NONE
+        ]
+        checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=optimizer, epoch=self.epoch,
+            sampler=tf.train.Checkpoint(**sampler.state_variables()),
+        )
+        state_dir = os.path.join(model_dir, STATE_DIR)
+        if not self.is_chief:  # each worker its own folder: no two writers collide
+            state_dir = os.path.join(model_dir, "workers", f"worker_{self.worker_index}", STATE_DIR)
+        self.checkpoint = checkpoint
+        self.manager = tf.train.CheckpointManager(checkpoint, state_dir, max_to_keep=2)
+        # Every worker restores from the chief's folder (a shared file system).
+        self.restore_manager = tf.train.CheckpointManager(
+            checkpoint, os.path.join(model_dir, STATE_DIR), max_to_keep=2
+        )
+        self._step_fn = None
+        self._predict_fn = models.prediction_function(model, config.eval_neighbours)
+
+    # ---- state -------------------------------------------------------------------------
+
+    def restore(self):
+        """Restores the latest saved state, if any; returns True when it did."""
+        path = self.restore_manager.latest_checkpoint
+        if not path:
+            return False
+        try:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        except (tf.errors.OpError, AssertionError, ValueError) as e:
+            raise RuntimeError(
+                f"Cannot restore the training state from {path}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}. The checkpoint is corrupt or "
+                "belongs to another configuration; move it away or use another --model_dir."
+            ) from None
+        logging.info("Restored %s: epoch %d, step %d", path, int(self.epoch.numpy()),
+                     int(self.optimizer.iterations.numpy()))
+        return True
+
+    def save(self):
+        self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
+
+    # ---- the step ----------------------------------------------------------------------
+
+    def _replica_step(self, images, targets):
+        model, config = self.model, self.config
+        ctx = tf.distribute.get_replica_context()
+        adversarial = None
+        if config.consistency_lambda:
+            seed = tf.stack([
+                tf.cast(config.seed, tf.int64),
+                tf.cast(self.optimizer.iterations, tf.int64) * self.replicas
+                + tf.cast(ctx.replica_id_in_sync_group, tf.int64),
+            ])
+            adversarial = qtrades_perturbation(
+                model, images, config.consistency_eps, config.consistency_step, seed
+            )
+        with tf.GradientTape() as tape:
+            total, magnet, logits, features = per_example_objective(
+                model, images, targets, config, adversarial
+            )
+            loss = tf.nn.compute_average_loss(total)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled = self.optimizer.scale_loss(loss)
+        variables = model.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        if self.replicas > 1:
+            for v in self._synced:
+                v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
+        self.sampler.record_losses(targets["indices"], magnet)
+        labels = tf.cast(targets["labels"], tf.int64)
+        hard = model.cluster_centers.nearest_center_class(features)
+        return {
+            "loss": tf.reduce_sum(total),
+            "magnet_loss": tf.reduce_sum(magnet),
+            "accuracy": tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == labels, tf.float32)),
+            "nearest_center_accuracy": tf.reduce_sum(tf.cast(hard == labels, tf.float32)),
+            "count": tf.cast(tf.shape(labels)[0], tf.float32),
+        }
+
+    def _distributed_step(self):
+        if self._step_fn is None:
+            def step(iterator):
+                images, targets = next(iterator)
+                out = self.strategy.run(self._replica_step, args=(images, targets))
+                return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                        for k, v in out.items()}
+            self._step_fn = tf.function(step, jit_compile=self.config.jit_compile or None)
+        return self._step_fn
+
+    def _dataset(self, start_batch):
+        def dataset_fn(context):
+            return self.sampler.dataset(
+                start=start_batch, stream=context.input_pipeline_id, augment=self.augment
+            )
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    # ---- logs --------------------------------------------------------------------------
+
+    def _csv_rows_before(self, epoch):
+        """Keeps the CSV rows of epochs < epoch (a restart redoes the later ones)."""
+        path = os.path.join(self.model_dir, CSV_NAME)
+        if not os.path.exists(path):
+            return
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fieldnames = reader.fieldnames
+            rows = [r for r in reader if int(r["epoch"]) < epoch]
+        with open(path, "w", newline="") as fh:
+            if fieldnames:
+                writer = csv.DictWriter(fh, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def _write_epoch(self, epoch, logs):
+        path = os.path.join(self.model_dir, CSV_NAME)
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        with open(path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["epoch"] + sorted(logs))
+            if new:
+                writer.writeheader()
+            writer.writerow({"epoch": epoch, **logs})
+        with self._writer.as_default(step=epoch):
+            for name, value in logs.items():
+                tf.summary.scalar(name, value)
+        self._writer.flush()
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def train(self):
+        """Trains until `config.epochs`; returns the list of per-epoch logs of this call."""
+        config = self.config
+        resumed = self.restore()
+        if not resumed:
+            self.refresher.refresh()
+            self.save()
+        epoch = int(self.epoch.numpy())
+        step = int(self.optimizer.iterations.numpy()) - epoch * config.steps_per_epoch
+        if self.is_chief:
+            self._csv_rows_before(epoch)
+            self._writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "logs", "train"))
+        else:
+            self._writer = tf.summary.create_noop_writer()
+        if epoch >= config.epochs:
+            logging.info("Training already finished at epoch %d", epoch)
+            return []
+        iterator = iter(self._dataset(int(self.optimizer.iterations.numpy()) * self.local_replicas))
+        step_fn = self._distributed_step()
+        history = []
+        while epoch < config.epochs:
+            start = time.time()
+            logging.info("Epoch %d/%d (from step %d)", epoch + 1, config.epochs, step)
+            show = 1 if (self.verbose and self.is_chief) else 0
+            if show:  # the same display as Keras's fit: a header, then a progress bar
+                sys.stdout.write(f"Epoch {epoch + 1}/{config.epochs}\n")
+                sys.stdout.flush()
+            bar = keras.utils.Progbar(config.steps_per_epoch, verbose=show,
+                                      stateful_metrics=["loss", "accuracy", "nearest_center_accuracy"])
+            if step:
+                bar.update(step)
+            sums = {}
+            while step < config.steps_per_epoch:
+                out = step_fn(iterator)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                step += 1
+                n = max(sums["count"], 1.0)
+                bar.update(step, [("loss", sums["loss"] / n), ("accuracy", sums["accuracy"] / n),
+                                  ("nearest_center_accuracy", sums["nearest_center_accuracy"] / n)])
+                if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                        and step < config.steps_per_epoch):
+                    self.save()
+            n = max(sums.get("count", 0.0), 1.0)
+            logs = {k: sums[k] / n for k in ("loss", "magnet_loss", "accuracy", "nearest_center_accuracy")
+                    if k in sums}
+            if not np.isfinite(logs.get("loss", 0.0)):
+                raise FloatingPointError(f"The training loss is {logs['loss']} at epoch {epoch + 1}")
+            if (epoch + 1) % config.refresh_every == 0:
+                self.refresher.refresh()
+            logs.update(self.refresher.last)
+            if self.test_dataset is not None:
+                test = models.evaluate_accuracy(
+                    self.model, self.test_dataset, config.eval_neighbours, config.eval_batch_size,
+                    predict_fn=self._predict_fn,
+                )
+                logs["val_accuracy"] = test["clean_accuracy"]
+                logs["val_nearest_center_accuracy"] = test["nearest_center_accuracy"]
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+            logs["seconds"] = time.time() - start
+            epoch += 1
+            step = 0
+            self.epoch.assign(epoch)
+            if self.is_chief:
+                self._write_epoch(epoch - 1, logs)
+            self.save()
+            logging.info("Epoch %d: %s", epoch, " - ".join(f"{k}: {v:.4g}" for k, v in logs.items()))
+            history.append(logs)
+        return history

@@ -1,0 +1,182 @@
+"""Tests of the strategy.run training loop on one device: objective, QTRADES, state."""
+
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import absltest
+
+from clustr_tf import losses
+from clustr_tf import models
+from clustr_tf import sampler as sampler_lib
+from clustr_tf import training
+
+
+def _tempdir(test):
+    path = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+def _data(seed=0, n_per_class=24):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), n_per_class)
+    images = 0.2 * rng.random((len(labels), 4, 4, 1))
+    for c in range(3):
+        r, q = divmod(c, 2)
+        images[labels == c, 2 * r : 2 * r + 2, 2 * q : 2 * q + 2, 0] += 0.7
+    return images.astype("float32"), labels
+
+
+def _setup(test, config, optimizer=None, seed=0):
+    keras.utils.set_random_seed(seed)
+    images, labels = _data()
+    backbone = keras.Sequential(
+        [keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(16, activation="relu"),
+         keras.layers.BatchNormalization(), keras.layers.Dense(4)]
+    )
+    model = models.ClusTRModel(backbone, num_classes=3, clusters_per_class=2, neighbours=4)
+    sampler = sampler_lib.NeighbourhoodSampler(images, labels, 3, 2, m=3, d=4, seed=seed)
+    trainer = training.Trainer(
+        model, optimizer or keras.optimizers.Adam(1e-2), sampler, tf.distribute.get_strategy(),
+        _tempdir(test), config,
+        test_dataset=tf.data.Dataset.from_tensor_slices((images, labels)),
+    )
+    return trainer, images, labels
+
+
+class ObjectiveTest(absltest.TestCase):
+    def test_kl_divergence_by_hand(self):
+        """p = (1/2, 1/2), q = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3)."""
+        p = tf.math.log([[0.5, 0.5]])
+        q = tf.math.log([[0.25, 0.75]])
+        expected = 0.5 * np.log(2) + 0.5 * np.log(2 / 3)
+        self.assertAlmostEqual(float(training.kl_divergence(p, q)[0]), expected, places=6)
+        self.assertAlmostEqual(float(training.kl_divergence(p, p)[0]), 0.0, places=6)
+
+    def test_qtrades_perturbation_in_ball_and_deterministic(self):
+        trainer, images, _ = _setup(self, training.TrainConfig(epochs=1, steps_per_epoch=1))
+        trainer.refresher.refresh()
+        x = tf.constant(images[:8])
+        eps, step = 8 / 255, 10 / 255
+        adv = training.qtrades_perturbation(trainer.model, x, eps, step, tf.constant([1, 2], tf.int64))
+        again = training.qtrades_perturbation(trainer.model, x, eps, step, tf.constant([1, 2], tf.int64))
+        np.testing.assert_array_equal(adv.numpy(), again.numpy())
+        self.assertLessEqual(float(tf.reduce_max(tf.abs(adv - x))), eps + 1e-6)
+        self.assertGreaterEqual(float(tf.reduce_min(adv)), 0.0)
+        self.assertLessEqual(float(tf.reduce_max(adv)), 1.0)
+        self.assertGreater(float(tf.reduce_max(tf.abs(adv - x))), 0.5 * eps)  # it moved
+
+    def test_attack_gradient_does_not_reach_the_weights(self):
+        trainer, images, _ = _setup(self, training.TrainConfig(epochs=1, steps_per_epoch=1))
+        trainer.refresher.refresh()
+        model = trainer.model
+        with tf.GradientTape() as tape:
+            adv = training.qtrades_perturbation(
+                model, tf.constant(images[:8]), 8 / 255, 10 / 255, tf.constant([0, 0], tf.int64)
+            )
+            total = tf.reduce_sum(adv)
+        grads = tape.gradient(total, model.trainable_variables)
+        self.assertTrue(all(g is None for g in grads))
+
+    def test_step_applies_the_gradient_of_the_objective(self):
+        """One step with SGD(lr) moves the weights by -lr * grad of the mean objective,
+        the QTRADES input being a constant computed first with the step's seed."""
+        config = training.TrainConfig(epochs=1, steps_per_epoch=1, xent_lambda=0.5,
+                                      consistency_lambda=8.0)
+        trainer, _, _ = _setup(self, config, optimizer=keras.optimizers.SGD(0.1))
+        trainer.refresher.refresh()
+        model = trainer.model
+        images, targets = next(iter(trainer.sampler.dataset()))
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        moving = [v.numpy().copy() for v in model.non_trainable_variables]
+        adv = training.qtrades_perturbation(
+            model, images, config.consistency_eps, config.consistency_step,
+            tf.constant([config.seed, 0], tf.int64),
+        )
+        with tf.GradientTape() as tape:
+            total, _, _, _ = training.per_example_objective(model, images, targets, config, adv)
+            loss = tf.reduce_mean(total)
+        expected = [b - 0.1 * g.numpy() for b, g in zip(before, tape.gradient(loss, model.trainable_variables))]
+        for v, m in zip(model.non_trainable_variables, moving):  # undo the BN update above
+            v.assign(m)
+        tf.function(trainer._replica_step)(images, targets)
+        for v, e in zip(model.trainable_variables, expected):
+            np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-5)
+
+    def test_records_magnet_losses_in_the_sampler(self):
+        trainer, _, _ = _setup(self, training.TrainConfig(epochs=1, steps_per_epoch=1, xent_lambda=1.0))
+        trainer.refresher.refresh()
+        images, targets = next(iter(trainer.sampler.dataset()))
+        magnet = losses.magnet_loss(targets["clusters"], trainer.model.embed(images, training=True), 2)
+        trainer._replica_step(images, targets)
+        recorded = trainer.sampler.example_losses.numpy()[targets["indices"].numpy()]
+        np.testing.assert_allclose(recorded, magnet.numpy(), rtol=1e-4, atol=1e-4)
+
+
+class LoopTest(absltest.TestCase):
+    def test_trains_logs_and_checkpoints(self):
+        config = training.TrainConfig(epochs=4, steps_per_epoch=6, checkpoint_every_steps=4)
+        trainer, images, labels = _setup(self, config)
+        history = trainer.train()
+        self.assertLen(history, 4)
+        self.assertLess(history[-1]["magnet_loss"], history[0]["magnet_loss"])
+        self.assertGreaterEqual(history[-1]["val_nearest_center_accuracy"], 0.9)
+        for key in ("loss", "accuracy", "nearest_center_accuracy", "variance", "center_separation",
+                    "val_accuracy", "learning_rate"):
+            self.assertIn(key, history[0])
+        with open(os.path.join(trainer.model_dir, training.CSV_NAME)) as fh:
+            rows = fh.read().splitlines()
+        self.assertEqual([r.split(",")[0] for r in rows], ["epoch", "0", "1", "2", "3"])
+        self.assertTrue(os.listdir(os.path.join(trainer.model_dir, "logs", "train")))
+        self.assertEqual(int(trainer.epoch.numpy()), 4)
+        self.assertEqual(int(trainer.optimizer.iterations.numpy()), 24)
+        # A second call on a finished run does nothing.
+        self.assertEqual(trainer.train(), [])
+
+    def test_restore_brings_back_every_piece_of_state(self):
+        config = training.TrainConfig(epochs=1, steps_per_epoch=3)
+        trainer, _, _ = _setup(self, config)
+        trainer.train()
+        state = {
+            "weights": [w.numpy().copy() for w in trainer.model.weights],
+            "optimizer": [v.numpy().copy() for v in trainer.optimizer.variables],
+            "losses": trainer.sampler.example_losses.numpy().copy(),
+            "assignments": trainer.sampler.assignments.numpy().copy(),
+        }
+        # A new process would start from scratch: emulate it with a fresh trainer.
+        fresh, _, _ = _setup(self, config, seed=1)
+        fresh.model_dir = trainer.model_dir
+        fresh.restore_manager = tf.train.CheckpointManager(
+            fresh.checkpoint, os.path.join(trainer.model_dir, training.STATE_DIR), max_to_keep=2
+        )
+        self.assertTrue(fresh.restore())
+        for a, b in zip(state["weights"], fresh.model.weights):
+            np.testing.assert_array_equal(a, b.numpy())
+        for a, b in zip(state["optimizer"], fresh.optimizer.variables):
+            np.testing.assert_array_equal(a, b.numpy())
+        np.testing.assert_array_equal(state["losses"], fresh.sampler.example_losses.numpy())
+        np.testing.assert_array_equal(state["assignments"], fresh.sampler.assignments.numpy())
+        self.assertEqual(int(fresh.epoch.numpy()), 1)
+
+    def test_corrupt_checkpoint_is_a_clear_error(self):
+        config = training.TrainConfig(epochs=1, steps_per_epoch=2)
+        trainer, _, _ = _setup(self, config)
+        trainer.train()
+        state = os.path.join(trainer.model_dir, training.STATE_DIR)
+        for name in os.listdir(state):
+            if name.endswith(".index"):
+                with open(os.path.join(state, name), "wb") as fh:
+                    fh.write(b"not a checkpoint")
+        fresh, _, _ = _setup(self, config)
+        fresh.restore_manager = tf.train.CheckpointManager(fresh.checkpoint, state, max_to_keep=2)
+        with self.assertRaisesRegex(RuntimeError, "Cannot restore the training state from .*corrupt"):
+            fresh.restore()
+        self.assertTrue(os.listdir(state))  # nothing was deleted
+
+
+if __name__ == "__main__":
+    absltest.main()
