@@ -20,10 +20,18 @@ classes: the pixel values do not change the time of a step), with the CIFAR ResN
    variance + sampler update) against one `clustering.embed` pass over the same images.
 
 Every variant runs `--warmup_steps` untimed steps first (the first one traces); a timed
-step runs from the call to the moment its loss is a numpy value (`time.perf_counter`), and
-the reported time is the median of `--steps` timed steps. With `--breakdown` the QTRADES
-perturbation alone and a plain inference forward pass of one batch are timed the same way,
-to show where a QTRADES step's time goes. XLA is off everywhere (`jit_compile=False`).
+step runs from the call to the moment its result is a numpy value (`time.perf_counter`),
+and the reported time is the median of `--steps` timed steps. The timed steps of xent,
+clustr and clustr_qtrades are interleaved round by round, so that load from other
+processes falls on all three alike. With `--breakdown` the QTRADES perturbation alone and
+a plain inference forward pass of one batch are timed the same way, to show where a
+QTRADES step's time goes. XLA is off everywhere (`jit_compile=False`).
+
+The machine may be shared: every timing also records this process's CPU seconds
+(`cpu_s`), its share of the machine (`cpu_share`, near 1.0 when it has all cores) and the
+share other processes took meanwhile (`others_cpu_share`, from /proc/stat). The ratios are
+computed on wall time, as the targets are stated; `*_cpu_s` ratios and per-round ratios
+are given too, to judge how much load from elsewhere moved them.
 
 Saves the result file and prints it as one JSON object on the last line.
 """
@@ -67,7 +75,7 @@ def define_flags():
     flags.DEFINE_integer("steps", 3, "Timed steps per variant (the median is reported).")
     flags.DEFINE_integer("warmup_steps", 1, "Untimed steps per variant (the first traces).")
     flags.DEFINE_integer("train_images", 2400, "Images of the training set (sampler, refresh).")
-    flags.DEFINE_integer("refresh_repeats", 1, "Timed refreshes and inference passes (median).")
+    flags.DEFINE_integer("refresh_repeats", 2, "Timed refreshes and inference passes (median).")
     flags.DEFINE_integer("sampler_batches", 100, "Batches timed for the sampler alone.")
     flags.DEFINE_integer("eval_batch_size", 256, "Batch size of the embedding pass.")
     flags.DEFINE_bool("augment", True, "Use the CIFAR-10 augmentation in the sampler's dataset.")
@@ -93,12 +101,34 @@ def device_description():
     return {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
-        "accelerators": [d.name for d in tf.config.list_physical_devices() if d.device_type != "CPU"],
+        "accelerators": [
+            d.name for d in tf.config.list_physical_devices() if d.device_type != "CPU"
+        ],
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "python": platform.python_version(),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
     }
+
+
+def _system_cpu():
+    """(total, idle) jiffies of all CPUs from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _others_share(before, after, own_cpu_s):
+    """Fraction of all CPU time that other processes used between two `_system_cpu()`."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    total = after[0] - before[0]
+    busy = total - (after[1] - before[1])
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return max(0.0, (busy / ticks - own_cpu_s) / (total / ticks))
 
 
 class Timer:
@@ -112,6 +142,8 @@ class Timer:
         self.warmup_s = 0.0
         self.times = []
         self.cpu_times = []
+        self.values = []
+        self.others_shares = []
         self.cpu_shares = []
 
     def warm_up(self, calls):
@@ -121,18 +153,21 @@ class Timer:
         self.warmup_s += time.perf_counter() - start
 
     def timed_call(self):
-        cpu, start = time.process_time(), time.perf_counter()
-        self.fn()
+        system, cpu, start = _system_cpu(), time.process_time(), time.perf_counter()
+        value = self.fn()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         self.times.append(wall)
         self.cpu_times.append(cpu)
         self.cpu_shares.append(cpu / (wall * (os.cpu_count() or 1)))
+        self.values.append(value)
+        self.others_shares.append(_others_share(system, _system_cpu(), cpu))
 
     @property
     def median(self):
         return statistics.median(self.times)
 
-    def summary(self, batch=None):
+    def summary(self, batch=None, counted=False):
+        """The timing summary; with `counted`, each call returned its number of images."""
         out = {
             "step_s": round(self.median, 4),
             "timed_steps_s": [round(t, 4) for t in self.times],
@@ -143,10 +178,24 @@ class Timer:
             # CPU seconds of this process per call (all threads): less sensitive to other
             # processes than wall time.
             "cpu_s": round(statistics.median(self.cpu_times), 3),
+            # Fraction of the machine's CPU time other processes used meanwhile (from
+            # /proc/stat): above ~0.05 the wall times above are inflated by them.
+            "others_cpu_share": _round_median(self.others_shares),
+            "others_cpu_share_by_call": [
+                None if v is None else round(v, 3) for v in self.others_shares
+            ],
         }
+        if counted:
+            batch = statistics.median(self.values)
+            out["images_per_step"] = batch
         if batch:
             out["images_per_s"] = round(batch / self.median, 2)
         return out
+
+
+def _round_median(values, digits=3):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), digits) if values else None
 
 
 def interleave(timers, warmup, rounds):
@@ -182,13 +231,15 @@ def run(f):
     m, d = f.m, f.d
     if f.batch is not None:
         if f.batch < m or f.batch % m:
-            raise app.UsageError(f"--batch must be a positive multiple of --m={m}. Received: {f.batch}")
+            raise app.UsageError(
+                f"--batch must be a positive multiple of --m={m}. Received: {f.batch}"
+            )
         d = f.batch // m
     batch = m * d
     if f.train_images < NUM_CLASSES * f.k * d:
         raise app.UsageError(
             f"--train_images must be >= num_classes * k * d = {NUM_CLASSES * f.k * d} so that "
-            f"every cluster can give d examples. Received: {f.train_images}"
+            f"every initial cluster holds d examples. Received: {f.train_images}"
         )
     keras.utils.set_random_seed(f.seed)
     rng = np.random.default_rng(f.seed)
@@ -275,7 +326,8 @@ def run(f):
     def step_timer(trainer):
         iterator = iter(trainer._dataset(0))
         step_fn = trainer._distributed_step()
-        return lambda: step_fn(iterator)["loss"].numpy()
+        # Returns the batch size (a cluster smaller than d gives all its examples only).
+        return lambda: float(step_fn(iterator)["count"].numpy())
 
     logging.info("clustr: building; first refresh (also the refresh warm-up)")
     trainer = make_trainer(0.0, "clustr")
@@ -296,8 +348,8 @@ def run(f):
                  f.warmup_steps, f.steps)
     interleave([xent, clustr, qtrades], f.warmup_steps, f.steps)
     result["xent"] = xent.summary(batch)
-    result["clustr"] = clustr.summary(batch)
-    result["clustr_qtrades"] = qtrades.summary(batch)
+    result["clustr"] = clustr.summary(counted=True)
+    result["clustr_qtrades"] = qtrades.summary(counted=True)
     for name in ("xent", "clustr", "clustr_qtrades"):
         logging.info("%s: %s", name, result[name])
     del xent_model
@@ -326,6 +378,9 @@ def run(f):
         breakdown["cpu_share"] = round(
             statistics.median(s for t in parts.values() for s in t.cpu_shares), 3
         )
+        breakdown["others_cpu_share"] = _round_median(
+            [s for t in parts.values() for s in t.others_shares]
+        )
         q_step = result["clustr_qtrades"]["step_s"]
         breakdown["qtrades_step_minus_attack_s"] = round(q_step - breakdown["qtrades_attack_s"], 4)
         breakdown["note"] = (
@@ -343,18 +398,21 @@ def run(f):
     iterator = iter(sampler.dataset(start=10_000, augment=augment))
     for _ in range(10):  # warm-up: trace, fill the prefetch buffer
         next(iterator)
-    cpu, start = time.process_time(), time.perf_counter()
+    system, cpu, start = _system_cpu(), time.process_time(), time.perf_counter()
     for _ in range(f.sampler_batches):
         x, info = next(iterator)
     _ = x.numpy(), info["indices"].numpy()
     sampler_s = time.perf_counter() - start
-    sampler_cpu = (time.process_time() - cpu) / (sampler_s * (os.cpu_count() or 1))
+    sampler_cpu_s = time.process_time() - cpu
+    sampler_others = _others_share(system, _system_cpu(), sampler_cpu_s)
+    sampler_cpu = sampler_cpu_s / (sampler_s * (os.cpu_count() or 1))
     sampler_rate = f.sampler_batches / sampler_s
     result["sampler"] = {
         "batches_per_s": round(sampler_rate, 2),
         "batch_ms": round(1000 * sampler_s / f.sampler_batches, 3),
         "batches": f.sampler_batches,
         "cpu_share": round(sampler_cpu, 3),
+        "others_cpu_share": None if sampler_others is None else round(sampler_others, 3),
     }
     logging.info("sampler: %s", result["sampler"])
 
@@ -385,7 +443,12 @@ def run(f):
         "inference_s": round(inference_s, 3),
         "inference_images_per_s": round(f.train_images / inference_s, 2),
         "kmeans_s": round(kmeans_s, 3),
+        "refresh_timed_s": [round(t, 3) for t in refresh.times],
+        "inference_timed_s": [round(t, 3) for t in inference.times],
+        "refresh_cpu_s": round(statistics.median(refresh.cpu_times), 3),
+        "inference_cpu_s": round(statistics.median(inference.cpu_times), 3),
         "cpu_share": round(statistics.median(inference.cpu_shares + refresh.cpu_shares), 3),
+        "others_cpu_share": _round_median(inference.others_shares + refresh.others_shares),
         "first_refresh_s": round(first_refresh, 3),
         "inference_warmup_s": round(inference_warmup_s, 3),
         "images": f.train_images,
@@ -404,6 +467,10 @@ def run(f):
         "clustr_step_s": clustr_s,
         "qtrades_step_s": result["clustr_qtrades"]["step_s"],
         "ratio": round(clustr_s / result["xent"]["step_s"], 3),
+        # Per image: equals `ratio` when every ClusTR batch holds m*d images.
+        "ratio_per_image": round(
+            result["xent"]["images_per_s"] / result["clustr"]["images_per_s"], 3
+        ),
         "qtrades_ratio": round(result["clustr_qtrades"]["step_s"] / clustr_s, 3),
         "sampler_to_step_ratio": round(sampler_rate * clustr_s, 2),
         "refresh_to_inference_ratio": round(refresh_s / inference_s, 3),
@@ -412,16 +479,23 @@ def run(f):
     # this process's CPU seconds: when other processes share the machine, these show how
     # much of the spread is the load.
     result["ratio_by_round"] = [round(c / x, 3) for c, x in zip(clustr.times, xent.times)]
-    result["qtrades_ratio_by_round"] = [round(q / c, 3) for q, c in zip(qtrades.times, clustr.times)]
+    result["qtrades_ratio_by_round"] = [
+        round(q / c, 3) for q, c in zip(qtrades.times, clustr.times)
+    ]
     result["ratio_cpu_s"] = round(result["clustr"]["cpu_s"] / result["xent"]["cpu_s"], 3)
     result["qtrades_ratio_cpu_s"] = round(
         result["clustr_qtrades"]["cpu_s"] / result["clustr"]["cpu_s"], 3
+    )
+    result["refresh_to_inference_ratio_cpu_s"] = round(
+        result["refresh"]["refresh_cpu_s"] / result["refresh"]["inference_cpu_s"], 3
     )
     result["targets"] = {
         key: {"value": result[key], "target": f"{cmp} {bound}", "met": met(result[key], cmp, bound)}
         for key, (cmp, bound) in TARGETS.items()
     }
-    result["load_average_1min"] = {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}
+    result["load_average_1min"] = {
+        "start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)
+    }
     result["total_wall_s"] = round(time.perf_counter() - total_start, 1)
     result["date"] = time.strftime("%Y-%m-%d")
     return result

@@ -128,7 +128,7 @@ class ClusterCenters(keras.layers.Layer):
 
     def squared_distances(self, features):
         """float tensor [batch, C*K]: `||features_n - centers_j||^2`."""
-        features = tf.convert_to_tensor(features, dtype=self.compute_dtype)
+        features = tf.cast(features, self.compute_dtype)
         centers = tf.cast(self.centers, features.dtype)
         return ops.pairwise_squared_distances(features, centers)
 

@@ -51,7 +51,7 @@ def _magnet_from_distances(own, squared_distances, other_class, variance, alpha)
     return tf.where(has_other, value, tf.zeros_like(value))
 
 
-def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5):
+def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5, num_clusters=None):
     """Batch-form magnet loss, one value per example.
 
     The clusters are those present in the batch: examples with the same cluster index form
@@ -64,6 +64,10 @@ def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5):
         y_pred: float tensor [N, D], the features.
         clusters_per_class: int >= 1, K.
         alpha: float, the margin (official: 12.5).
+        num_clusters: optional int, the total number of clusters C*K. When given, the
+            batch's clusters are found with static shapes (segment sums over all C*K
+            clusters) instead of `tf.unique`, so the loss compiles with XLA
+            (`jit_compile`); the values are the same.
 
     Returns:
         float32 tensor [N].
@@ -79,8 +83,16 @@ def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5):
     """
     features = tf.cast(y_pred, tf.float32)
     clusters = tf.reshape(tf.cast(y_true, tf.int32), [-1])
-    unique, position = tf.unique(clusters)
-    means = tf.math.unsorted_segment_mean(features, position, tf.size(unique))
+    if num_clusters is None:
+        unique, position = tf.unique(clusters)
+        present = tf.ones_like(unique, dtype=tf.bool)
+        segments = tf.size(unique)
+    else:  # every cluster is a segment; those absent from the batch are masked out
+        unique = tf.range(num_clusters, dtype=tf.int32)
+        position = clusters
+        segments = num_clusters
+        present = tf.math.unsorted_segment_sum(tf.ones_like(clusters), clusters, num_clusters) > 0
+    means = tf.math.unsorted_segment_mean(features, position, segments)
     # [N, U, D] differences: the batch holds few clusters, and the direct form is exact.
     squared_distances = tf.reduce_sum(
         tf.square(features[:, tf.newaxis, :] - means[tf.newaxis, :, :]), axis=-1
@@ -91,6 +103,7 @@ def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5):
     other_class = (unique // clusters_per_class)[tf.newaxis, :] != (
         clusters // clusters_per_class
     )[:, tf.newaxis]
+    other_class = tf.logical_and(other_class, present[tf.newaxis, :])
     return _magnet_from_distances(own, squared_distances, other_class, variance, alpha)
 
 

@@ -80,8 +80,9 @@ class ClusTRModel(keras.Model):
                 f"`backbone` must be a Keras model or layer. Received: {type(backbone).__name__}"
             )
         self.backbone = backbone
+        # The head always computes in float32: squared distances overflow float16.
         self.cluster_centers = layers.ClusterCenters(
-            num_classes, clusters_per_class, neighbours, name="cluster_centers"
+            num_classes, clusters_per_class, neighbours, name="cluster_centers", dtype="float32"
         )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.nearest_center_accuracy = keras.metrics.Accuracy(name="nearest_center_accuracy")

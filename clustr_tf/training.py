@@ -140,7 +140,10 @@ def per_example_objective(model, images, targets, config, adversarial=None):
     """
     layer = model.cluster_centers
     features = model.backbone(images, training=True)
-    magnet = losses.magnet_loss(targets["clusters"], features, layer.clusters_per_class, config.alpha)
+    magnet = losses.magnet_loss(
+        targets["clusters"], features, layer.clusters_per_class, config.alpha,
+        num_clusters=layer.num_clusters,
+    )
     logits = layer(features)
     total = magnet
     if config.xent_lambda:
@@ -212,6 +215,7 @@ class Trainer:
             checkpoint, os.path.join(model_dir, STATE_DIR), max_to_keep=2
         )
         self._step_fn = None
+        self._compute_fn = None
         self._predict_fn = models.prediction_function(model, config.eval_neighbours)
 
     # ---- state -------------------------------------------------------------------------
@@ -239,6 +243,19 @@ class Trainer:
     # ---- the step ----------------------------------------------------------------------
 
     def _replica_step(self, images, targets):
+        """One replica's training step; returns sums for the epoch's metrics."""
+        if self._compute_fn is None:
+            self._compute_fn = (
+                tf.function(self._compute_step, jit_compile=True)
+                if self.config.jit_compile else self._compute_step
+            )
+        sums, magnet = self._compute_fn(images, targets)
+        # Outside the (possibly XLA-compiled) computation: the sampler's state is a
+        # host variable.
+        self.sampler.record_losses(targets["indices"], magnet)
+        return sums
+
+    def _compute_step(self, images, targets):
         model, config = self.model, self.config
         ctx = tf.distribute.get_replica_context()
         adversarial = None
@@ -265,7 +282,6 @@ class Trainer:
         if self.replicas > 1:
             for v in self._synced:
                 v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
-        self.sampler.record_losses(targets["indices"], magnet)
         labels = tf.cast(targets["labels"], tf.int64)
         hard = model.cluster_centers.nearest_center_class(features)
         return {
@@ -274,7 +290,7 @@ class Trainer:
             "accuracy": tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == labels, tf.float32)),
             "nearest_center_accuracy": tf.reduce_sum(tf.cast(hard == labels, tf.float32)),
             "count": tf.cast(tf.shape(labels)[0], tf.float32),
-        }
+        }, magnet
 
     def _distributed_step(self):
         if self._step_fn is None:
@@ -283,7 +299,7 @@ class Trainer:
                 out = self.strategy.run(self._replica_step, args=(images, targets))
                 return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                         for k, v in out.items()}
-            self._step_fn = tf.function(step, jit_compile=self.config.jit_compile or None)
+            self._step_fn = tf.function(step)
         return self._step_fn
 
     def _dataset(self, start_batch):

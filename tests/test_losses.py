@@ -70,6 +70,19 @@ class MagnetLossTest(parameterized.TestCase):
         expected = _direct_batch_magnet(features, clusters, k, alpha)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
+    @parameterized.parameters((0, 1), (1, 2), (2, 3))
+    def test_static_cluster_form_matches_and_compiles_with_xla(self, seed, k):
+        rng = np.random.default_rng(seed)
+        clusters = np.repeat(rng.choice(4 * k, size=4, replace=False), 5).astype("int32")
+        features = rng.normal(size=(20, 3)).astype("float32") * 2
+        dynamic = losses.magnet_loss(clusters, features, k, alpha=1.0)
+        static = losses.magnet_loss(clusters, features, k, alpha=1.0, num_clusters=4 * k)
+        np.testing.assert_allclose(static.numpy(), dynamic.numpy(), rtol=1e-5, atol=1e-6)
+        compiled = tf.function(
+            lambda c, f: losses.magnet_loss(c, f, k, alpha=1.0, num_clusters=4 * k), jit_compile=True
+        )
+        np.testing.assert_allclose(compiled(clusters, features).numpy(), dynamic.numpy(), rtol=1e-4, atol=1e-5)
+
     def test_large_distances_finite_where_direct_underflows(self):
         """A 240-example batch (12 clusters x 20) with one outlier 100 away: its squared
         distances are about 1e4 against sigma^2 of about 42, so exp(-1e4 / 84) underflows in

@@ -117,6 +117,41 @@ class ObjectiveTest(absltest.TestCase):
         np.testing.assert_allclose(recorded, magnet.numpy(), rtol=1e-4, atol=1e-4)
 
 
+class CompiledStepTest(absltest.TestCase):
+    def test_xla_step_matches_the_plain_step(self):
+        results = []
+        for jit in (False, True):
+            config = training.TrainConfig(epochs=1, steps_per_epoch=1, jit_compile=jit, xent_lambda=0.5)
+            trainer, _, _ = _setup(self, config, optimizer=keras.optimizers.SGD(0.1))
+            trainer.refresher.refresh()
+            images, targets = next(iter(trainer.sampler.dataset()))
+            sums = tf.function(trainer._replica_step)(images, targets)
+            results.append((float(sums["loss"]), [v.numpy() for v in trainer.model.trainable_variables],
+                            trainer.sampler.example_losses.numpy()))
+        (loss_a, weights_a, rec_a), (loss_b, weights_b, rec_b) = results
+        self.assertAlmostEqual(loss_a, loss_b, places=3)
+        for a, b in zip(weights_a, weights_b):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(rec_a, rec_b, rtol=1e-3, atol=1e-4)
+
+
+class MixedPrecisionTest(absltest.TestCase):
+    def test_mixed_float16_step_is_finite_with_a_float32_head(self):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            config = training.TrainConfig(epochs=1, steps_per_epoch=2)
+            trainer, _, _ = _setup(
+                self, config, optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-3))
+            )
+            self.assertEqual(trainer.model.backbone.compute_dtype, "float16")
+            self.assertEqual(trainer.model.cluster_centers.compute_dtype, "float32")
+            history = trainer.train()
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        self.assertTrue(np.isfinite(history[0]["loss"]))
+        self.assertEqual(trainer.model.cluster_centers.centers.dtype, "float32")
+
+
 class LoopTest(absltest.TestCase):
     def test_trains_logs_and_checkpoints(self):
         config = training.TrainConfig(epochs=4, steps_per_epoch=6, checkpoint_every_steps=4)
