@@ -6,7 +6,7 @@ time (process start to exit, TensorFlow import included) and the test metrics it
     python benchmarks/default_run.py [--update_readme]
 
 Saves benchmarks/results/default_run.json and prints it as one JSON object on the last
-line. With --update_readme, rewrites the results block of README.md from that file.
+line. With --update_readme, then rewrites README.md's results blocks (update_readme.py).
 """
 
 import json
@@ -19,7 +19,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "benchmarks", "results", "default_run.json")
-MARKER = "<!-- default-run-results -->"
 
 
 def measure():
@@ -48,38 +47,16 @@ def measure():
     }
 
 
-def readme_block(result):
-    return "\n".join(
-        [
-            MARKER,
-            "| command | wall time | test accuracy (soft kNC) | test accuracy (nearest center) |",
-            "|---|---|---|---|",
-            f"| `{result['command']}` | {result['wall_seconds']:.0f} s on {result['machine']['cpus']} "
-            f"CPU cores | {100 * result['clean_accuracy']:.1f}% | "
-            f"{100 * result['nearest_center_accuracy']:.1f}% |",
-            "<!-- end default-run-results -->",
-        ]
-    )
-
-
-def update_readme(result):
-    path = os.path.join(ROOT, "README.md")
-    with open(path) as fh:
-        text = fh.read()
-    start = text.index(MARKER)
-    end_marker = "<!-- end default-run-results -->"
-    end = text.index(end_marker, start) + len(end_marker) if end_marker in text else start + len(MARKER)
-    with open(path, "w") as fh:
-        fh.write(text[:start] + readme_block(result) + text[end:])
-
-
 def main():
     result = measure()
     os.makedirs(os.path.dirname(RESULT), exist_ok=True)
     with open(RESULT, "w") as fh:
         json.dump(result, fh, indent=2)
     if "--update_readme" in sys.argv[1:]:
-        update_readme(result)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import update_readme  # pylint: disable=g-import-not-at-top
+
+        update_readme.main()
     print(json.dumps(result))
 
 

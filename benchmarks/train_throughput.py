@@ -29,9 +29,11 @@ QTRADES step's time goes. XLA is off everywhere (`jit_compile=False`).
 
 The machine may be shared: every timing also records this process's CPU seconds
 (`cpu_s`), its share of the machine (`cpu_share`, near 1.0 when it has all cores) and the
-share other processes took meanwhile (`others_cpu_share`, from /proc/stat). The ratios are
-computed on wall time, as the targets are stated; `*_cpu_s` ratios and per-round ratios
-are given too, to judge how much load from elsewhere moved them.
+share other processes took meanwhile (`others_cpu_share`, from /proc/stat). A call with a
+low `cpu_share` and `others_cpu_share` near 0 ran while the machine sat partly idle (seen
+on the 2-vCPU test machines: a call intermittently takes ~1.7x its wall time for the same
+CPU seconds). The ratios are computed on wall time, as the targets are stated; `*_cpu_s`
+ratios and per-round ratios are given too, to judge how much such effects moved them.
 
 Saves the result file and prints it as one JSON object on the last line.
 """
@@ -181,6 +183,7 @@ class Timer:
             # Fraction of the machine's CPU time other processes used meanwhile (from
             # /proc/stat): above ~0.05 the wall times above are inflated by them.
             "others_cpu_share": _round_median(self.others_shares),
+            "cpu_share_by_call": [round(v, 3) for v in self.cpu_shares],
             "others_cpu_share_by_call": [
                 None if v is None else round(v, 3) for v in self.others_shares
             ],
@@ -445,6 +448,8 @@ def run(f):
         "kmeans_s": round(kmeans_s, 3),
         "refresh_timed_s": [round(t, 3) for t in refresh.times],
         "inference_timed_s": [round(t, 3) for t in inference.times],
+        "refresh_cpu_share_by_call": [round(v, 3) for v in refresh.cpu_shares],
+        "inference_cpu_share_by_call": [round(v, 3) for v in inference.cpu_shares],
         "refresh_cpu_s": round(statistics.median(refresh.cpu_times), 3),
         "inference_cpu_s": round(statistics.median(inference.cpu_times), 3),
         "cpu_share": round(statistics.median(inference.cpu_shares + refresh.cpu_shares), 3),

@@ -1,0 +1,100 @@
+"""Rewrites the results blocks of README.md from benchmarks/results/*.json.
+
+    python benchmarks/update_readme.py
+
+Each block sits between `<!-- NAME -->` and `<!-- end NAME -->` markers; a block whose
+result file is missing is left as it is. Numbers in README.md come only from here.
+"""
+
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def _load(name):
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def default_run(r):
+    return [
+        "| command | wall time | test accuracy (soft kNC) | test accuracy (nearest center) |",
+        "|---|---|---|---|",
+        f"| `{r['command']}` | {r['wall_seconds']:.0f} s on {r['machine']['cpus']} CPU cores | "
+        f"{100 * r['clean_accuracy']:.1f}% | {100 * r['nearest_center_accuracy']:.1f}% |",
+    ]
+
+
+def train_throughput(r):
+    s, t = r["settings"], r.get("targets", {})
+
+    def met(key):
+        return "met" if t.get(key, {}).get("met") else "**not met**"
+
+    return [
+        f"ResNet-18 (width {s['width_multiplier']}), batch {s['batch']} (m={s['m']} x d={s['d']}), "
+        f"{r['device']['cpu']} with {r['device']['cpu_cores']} cores, TF {r['device']['tensorflow']} "
+        f"({r.get('date', '')}):",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| cross-entropy step | {r['xent_step_s']:.2f} s ({r['xent_images_per_s']:.1f} images/s) | |",
+        f"| ClusTR step | {r['clustr_step_s']:.2f} s ({r['clustr_images_per_s']:.1f} images/s) | |",
+        f"| ClusTR / cross-entropy step time | {r['ratio']:.2f}x | <= 1.10 ({met('ratio')}) |",
+        f"| ClusTR+QTRADES step | {r['qtrades_step_s']:.2f} s | |",
+        f"| ClusTR+QTRADES / ClusTR step time | {r['qtrades_ratio']:.2f}x | <= 2.2 ({met('qtrades_ratio')}) |",
+        f"| sampler batches per consumed step | {r['sampler_to_step_ratio']:.0f}x | >= 10 ({met('sampler_to_step_ratio')}) |",
+        f"| cluster refresh / inference pass | {r['refresh_to_inference_ratio']:.2f}x | <= 1.3 ({met('refresh_to_inference_ratio')}) |",
+    ]
+
+
+def cifar10_cpu_run(r):
+    last = r["epochs"][-1]
+    return [
+        f"`{r['command']}`",
+        "",
+        "| epochs | wall time | peak memory | test accuracy (soft kNC) | test accuracy (nearest center) | agreement |",
+        "|---|---|---|---|---|---|",
+        f"| {int(last['epoch']) + 1} | {r['wall_seconds'] / 60:.1f} min | {r['peak_rss_mib'] / 1024:.2f} GiB | "
+        f"{100 * r['clean_accuracy']:.2f}% | {100 * r['nearest_center_accuracy']:.2f}% | "
+        f"{100 * r['agreement']:.1f}% |",
+        "",
+        f"Data: {r['data']}.",
+    ]
+
+
+BLOCKS = {
+    "default-run-results": ("default_run.json", default_run),
+    "train-throughput-results": ("train_throughput.json", train_throughput),
+    "cifar10-cpu-run-results": ("cifar10_cpu_run.json", cifar10_cpu_run),
+}
+
+
+def render(text):
+    for marker, (name, fn) in BLOCKS.items():
+        result = _load(name)
+        start_tag, end_tag = f"<!-- {marker} -->", f"<!-- end {marker} -->"
+        if result is None or start_tag not in text:
+            continue
+        start = text.index(start_tag)
+        end = text.index(end_tag, start) + len(end_tag) if end_tag in text[start:] else start + len(start_tag)
+        text = text[:start] + "\n".join([start_tag, *fn(result), end_tag]) + text[end:]
+    return text
+
+
+def main():
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as fh:
+        text = fh.read()
+    with open(path, "w") as fh:
+        fh.write(render(text))
+    print(json.dumps({"updated": path}))
+
+
+if __name__ == "__main__":
+    main()
