@@ -9,19 +9,25 @@ BMVC 2021, arXiv:2006.07682):
 - `clustr_tf.clustering.ClusterRefresh`: per-class k-means refresh as a Keras callback.
 - `clustr_tf.models.ClusTRModel`: a backbone with a ClusterCenters head and its train step.
 - `clustr_tf.backbones`: the paper's CIFAR ResNet-18 and a small ConvNet.
-- `clustr_tf.data.load`: datasets as tf.data (embedded digits, CIFAR-10/100, SVHN).
+- `clustr_tf.data.load`: datasets as tf.data (embedded digits, CIFAR-10/100, SVHN, folders).
+- `clustr_tf.training.Trainer`: the strategy.run training loop with checkpoints.
+- `clustr_tf.certify` / `clustr_tf.lipschitz`: certified radii and the Lipschitz bound.
 
 Importing the package registers every serializable object, so `.keras` files load with
 `keras.saving.load_model` after `import clustr_tf`.
 """
 
 from clustr_tf import backbones
+from clustr_tf import certify
 from clustr_tf import clustering
 from clustr_tf import data
+from clustr_tf import distribute
 from clustr_tf import layers
+from clustr_tf import lipschitz
 from clustr_tf import losses
 from clustr_tf import models
 from clustr_tf import sampler
+from clustr_tf import training
 from clustr_tf.clustering import ClusterRefresh
 from clustr_tf.layers import ClusterCenters
 from clustr_tf.losses import MagnetLoss
