@@ -68,7 +68,15 @@ def cifar10_cpu_run(r):
     ]
 
 
+def attack_throughput(r):
+    return [
+        f"{r['attack']} on {r['backbone']}, batch {r['batch']}, {r['device']['cpus']} CPU cores: "
+        f"**{r['images_per_s']:.2f} images/s** ({r['reference']}).",
+    ]
+
+
 BLOCKS = {
+    "attack-throughput-results": ("attack_throughput.json", attack_throughput),
     "default-run-results": ("default_run.json", default_run),
     "train-throughput-results": ("train_throughput.json", train_throughput),
     "cifar10-cpu-run-results": ("cifar10_cpu_run.json", cifar10_cpu_run),

@@ -12,11 +12,13 @@ BMVC 2021, arXiv:2006.07682):
 - `clustr_tf.data.load`: datasets as tf.data (embedded digits, CIFAR-10/100, SVHN, folders).
 - `clustr_tf.training.Trainer`: the strategy.run training loop with checkpoints.
 - `clustr_tf.certify` / `clustr_tf.lipschitz`: certified radii and the Lipschitz bound.
+- `clustr_tf.attacks.pgd`: CleverHans PGD with the official, logits and margin losses.
 
 Importing the package registers every serializable object, so `.keras` files load with
 `keras.saving.load_model` after `import clustr_tf`.
 """
 
+from clustr_tf import attacks
 from clustr_tf import backbones
 from clustr_tf import certify
 from clustr_tf import clustering
