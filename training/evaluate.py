@@ -1,0 +1,206 @@
+"""Evaluates a ClusTR run's robustness: PGD with every attack loss, worst cases,
+certified accuracy, gradient-masking checks, a CSV of every attack and plots.
+
+    python training/evaluate.py --model_dir=RUN [--num_examples=1000] [--eps=2,8,16,25.5]
+
+Writes RUN/robustness.json, RUN/attacks.csv and RUN/robustness_*.png. eps and step are in
+1/255 units (l_inf); --l2_eps in pixel units.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+
+def define_flags():
+    flags.DEFINE_string("model_dir", None, "The run directory to evaluate (holds model.keras).")
+    flags.DEFINE_integer("num_examples", 1000, "Test examples to attack (the first ones).")
+    flags.DEFINE_integer("batch_size", 256, "Attack batch size.")
+    flags.DEFINE_string("eps", "2,8,16,25.5", "l_inf radii, in 1/255 units.")
+    flags.DEFINE_string("l2_eps", "", "l2 radii, in pixel units (e.g. 0.25,0.5).")
+    flags.DEFINE_float("step", 2.0, "PGD step, in 1/255 units (l2 runs use eps/4).")
+    flags.DEFINE_integer("iterations", 20, "PGD iterations.")
+    flags.DEFINE_integer("restarts", 10, "PGD random restarts.")
+    flags.DEFINE_string("losses", "official,logits,margin", "Attack losses.")
+    flags.DEFINE_string("radii", "0,0.05,0.1,0.25,0.5", "l2 radii for certified accuracy.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+
+
+class EvalError(ValueError):
+    """A bad flag or run directory; the message names it and what was received."""
+
+
+def _floats(name, text):
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise EvalError(f"--{name} must be comma-separated numbers. Received: {text!r}") from None
+    if any(not v >= 0 for v in values):
+        raise EvalError(f"--{name} values must be >= 0. Received: {text!r}")
+    return values
+
+
+def config_from_flags(f):
+    from clustr_tf import attacks
+    from clustr_tf import evaluation
+
+    if not f.model_dir:
+        raise EvalError("--model_dir is required (a run directory of training/main.py).")
+    if not os.path.isdir(f.model_dir):
+        raise EvalError(f"--model_dir is not a directory. Received: {f.model_dir}")
+    for name in ("num_examples", "batch_size", "iterations", "restarts"):
+        if getattr(f, name) < 1:
+            raise EvalError(f"--{name} must be >= 1. Received: {getattr(f, name)}")
+    eps = _floats("eps", f.eps)
+    if any(e > 255 for e in eps):
+        raise EvalError(f"--eps values must be at most 255 (1/255 units). Received: {f.eps!r}")
+    if not 0 < f.step <= 255:
+        raise EvalError(f"--step must be in (0, 255] (1/255 units). Received: {f.step}")
+    losses = tuple(v.strip() for v in f.losses.split(",") if v.strip())
+    unknown = [v for v in losses if v not in attacks.LOSSES]
+    if unknown or not losses:
+        raise EvalError(f"--losses must name some of {', '.join(attacks.LOSSES)}. Received: {f.losses!r}")
+    return evaluation.EvalConfig(
+        linf_eps=tuple(e / 255 for e in eps),
+        l2_eps=_floats("l2_eps", f.l2_eps),
+        step=f.step / 255,
+        iterations=f.iterations,
+        restarts=f.restarts,
+        losses=losses,
+        radii=_floats("radii", f.radii),
+        batch_size=f.batch_size,
+        seed=f.seed,
+    )
+
+
+def load_run(model_dir):
+    """The run's model and configuration; EvalError when they cannot be used."""
+    import keras
+    import numpy as np
+
+    import clustr_tf  # noqa: F401  (registers the model classes)
+
+    path = os.path.join(model_dir, "model.keras")
+    if not os.path.exists(path):
+        raise EvalError(f"No model.keras in --model_dir (has training finished?). Received: {model_dir}")
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as e:  # noqa: BLE001: any load failure becomes one clear message
+        raise EvalError(f"Cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    layer = getattr(model, "cluster_centers", None)
+    if layer is None:
+        raise EvalError(f"{path} is not a ClusTR model (no cluster centers). Received: {type(model).__name__}")
+    centers = layer.centers.numpy()
+    if not (float(layer.variance.numpy()) > 0 and np.isfinite(centers).all()
+            and np.ptp(centers, axis=0).max() > 0):
+        raise EvalError(f"The model in {path} has no fitted cluster centers (never refreshed).")
+    config_path = os.path.join(model_dir, "config.json")
+    run_config = {}
+    if os.path.exists(config_path):
+        with open(config_path) as fh:
+            run_config = json.load(fh)
+    return model, run_config
+
+
+def _plots(result, model, images, labels, model_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for loss in sorted({a["loss"] for a in result["attacks"]}):
+        runs = sorted((a["eps"], a["accuracy"]) for a in result["attacks"] if a["loss"] == loss and a["norm"] == "inf")
+        ax.plot([e * 255 for e, _ in runs], [a for _, a in runs], marker="o", label=loss)
+    worst = sorted((float(k.split("/")[0]), v) for k, v in result["robust_accuracy"].items())
+    ax.plot([e for e, _ in worst], [v for _, v in worst], "k--", marker="s", label="worst case")
+    ax.set(xlabel="l_inf eps (1/255)", ylabel="accuracy", ylim=(0, 1), title="Robust accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(model_dir, "robustness_attacks.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    radii = sorted((float(k), v) for k, v in result["certified_accuracy"].items())
+    ax.plot([r for r, _ in radii], [v for _, v in radii], marker="o")
+    ax.set(xlabel="l2 radius", ylabel="certified accuracy", ylim=(0, 1), title="Certified accuracy")
+    fig.tight_layout()
+    fig.savefig(os.path.join(model_dir, "robustness_certified.png"), dpi=120)
+    plt.close(fig)
+
+    features = model.embed(images[:1000], training=False).numpy()
+    centers = model.cluster_centers.centers.numpy()
+    mean = features.mean(0)
+    _, _, vt = np.linalg.svd(features - mean, full_matrices=False)
+    proj = (features - mean) @ vt[:2].T
+    cproj = (centers - mean) @ vt[:2].T
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.scatter(proj[:, 0], proj[:, 1], c=labels[:1000], cmap="tab10", s=4, alpha=0.6)
+    ax.scatter(cproj[:, 0], cproj[:, 1], c=np.arange(len(centers)) // model.cluster_centers.clusters_per_class,
+               cmap="tab10", marker="X", s=120, edgecolors="k")
+    ax.set(title="Test features (PCA) and centers (X)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(model_dir, "robustness_features.png"), dpi=120)
+    plt.close(fig)
+
+
+def run(f):
+    config = config_from_flags(f)
+    model, run_config = load_run(f.model_dir)
+
+    import keras
+    import numpy as np
+
+    from clustr_tf import data
+    from clustr_tf import evaluation
+
+    keras.utils.set_random_seed(f.seed)
+    dataset = run_config.get("dataset", "digits")
+    images, labels = data.load_arrays(dataset, "test", data_dir=run_config.get("data_dir"))
+    images, labels = images[: f.num_examples], labels[: f.num_examples]
+    bar = keras.utils.Progbar(1)
+
+    def progress(done, total):
+        bar.target = total
+        bar.update(done)
+
+    result = evaluation.evaluate_robustness(model, images, labels, config, progress=progress)
+    checks = evaluation.masking_checks(result, model.cluster_centers.num_classes)
+    for name, check in checks.items():
+        if not check["passed"]:
+            logging.warning("Gradient-masking check %s FAILED: %s", name, check["detail"])
+    result = {"split": "test", "dataset": dataset, **result, "masking_checks": checks,
+              "config": {**dataclasses.asdict(config)}}
+    with open(os.path.join(f.model_dir, "robustness.json"), "w") as fh:
+        json.dump(result, fh, indent=2)
+    with open(os.path.join(f.model_dir, "attacks.csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["norm", "eps", "loss", "iterations", "restarts", "accuracy"])
+        writer.writeheader()
+        writer.writerows(result["attacks"])
+    _plots(result, model, images, np.asarray(labels), f.model_dir)
+    logging.info("Robust accuracy (worst case): %s", result["robust_accuracy"])
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.stderr.write(f"evaluate.py: error: unexpected arguments: {' '.join(argv[1:])}\n")
+        sys.exit(2)
+    try:
+        run(flags.FLAGS)
+    except EvalError as e:
+        sys.stderr.write(f"evaluate.py: error: {e}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    define_flags()
+    app.run(main)
