@@ -51,9 +51,20 @@ def _margin(labels, logits):
 LOSSES = {"official": _official, "logits": _cross_entropy, "margin": _margin}
 
 
-def logits_function(model):
-    """`model_fn(images) -> class logits` for a ClusTR model, in inference mode; reuse it."""
-    return lambda images: model(images, training=False)
+def logits_function(model, neighbours=None):
+    """`model_fn(images) -> class logits` for a model, in inference mode; reuse it.
+
+    Args:
+        model: a `ClusTRModel` (or any model returning class logits).
+        neighbours: for a ClusTR model, L of the soft-kNC rule under attack (the official
+            evaluation uses 20); default: the model's own.
+    """
+    layer = getattr(model, "cluster_centers", None)
+    if neighbours is None or layer is None:
+        return lambda images: model(images, training=False)
+    return lambda images: layer.logits_from_distances(
+        layer.squared_distances(model.embed(images, training=False)), neighbours
+    )
 
 
 def pgd(model_fn, images, labels, eps, step, iterations, norm=np.inf, loss="margin",

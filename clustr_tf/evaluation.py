@@ -18,7 +18,8 @@ from clustr_tf import lipschitz
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What to run. eps values are in pixel units ([0, 1] images)."""
+    """What to run. eps values are in pixel units ([0, 1] images); `neighbours` is L of
+    the soft-kNC rule under attack (default: the model's)."""
 
     linf_eps: tuple = (2 / 255, 8 / 255, 16 / 255, 25.5 / 255)
     l2_eps: tuple = ()
@@ -28,6 +29,7 @@ class EvalConfig:
     losses: tuple = ("official", "logits", "margin")
     radii: tuple = (0.0, 0.05, 0.1, 0.25, 0.5)
     batch_size: int = 256
+    neighbours: int | None = None
     seed: int = 0
 
 
@@ -53,7 +55,7 @@ def evaluate_robustness(model, images, labels, config, progress=None):
     """
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels).reshape(-1)
-    model_fn = attacks.logits_function(model)
+    model_fn = attacks.logits_function(model, config.neighbours)
     n = len(labels)
     batches = [slice(i, min(i + config.batch_size, n)) for i in range(0, n, config.batch_size)]
     layer = model.cluster_centers

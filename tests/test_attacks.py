@@ -63,6 +63,17 @@ class PgdTest(parameterized.TestCase):
         fooled = tf.argmax(self.model_fn(adv), 1).numpy() != labels.numpy()
         np.testing.assert_array_equal(fooled, ~robust)
 
+    def test_logits_function_uses_the_evaluation_neighbours(self):
+        from clustr_tf import models
+
+        backbone = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model = models.ClusTRModel(backbone, num_classes=3, clusters_per_class=2, neighbours=2)
+        x = tf.constant(np.random.default_rng(0).normal(size=(4, 3)), tf.float32)
+        layer = model.cluster_centers
+        expected = layer.logits_from_distances(layer.squared_distances(backbone(x)), 6)
+        np.testing.assert_allclose(attacks.logits_function(model, 6)(x).numpy(), expected.numpy())
+        np.testing.assert_allclose(attacks.logits_function(model)(x).numpy(), model(x).numpy())
+
     def test_margin_loss_by_hand(self):
         logits = tf.constant([[1.0, 3.0, 2.0]])
         self.assertAlmostEqual(float(attacks.LOSSES["margin"](tf.constant([1]), logits)[0]), -1.0)

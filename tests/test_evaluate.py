@@ -78,6 +78,7 @@ class EvaluateBinaryTest(parameterized.TestCase):
                     "certified_accuracy", "masking_checks", "lipschitz_bound"):
             self.assertIn(key, result)
         self.assertEqual(result["num_examples"], 60)
+        self.assertEqual(result["neighbours"], 20)  # the run's eval_L, not the training L
         self.assertLen(result["attacks"], 4 * 3)  # (3 l_inf + 1 l2 eps) x 3 losses
         worst = result["robust_accuracy"]
         self.assertAlmostEqual(worst["0/255"], result["clean_accuracy"])  # eps 0 changes nothing

@@ -20,7 +20,9 @@ from absl import logging
 
 def define_flags():
     flags.DEFINE_string("model_dir", None, "The run directory to evaluate (holds model.keras).")
-    flags.DEFINE_integer("num_examples", 1000, "Test examples to attack (the first ones).")
+    flags.DEFINE_integer(
+        "num_examples", 1000, "Test examples to attack: a fixed seeded random subset (all if fewer)."
+    )
     flags.DEFINE_integer("batch_size", 256, "Attack batch size.")
     flags.DEFINE_string("eps", "2,8,16,25.5", "l_inf radii, in 1/255 units.")
     flags.DEFINE_string("l2_eps", "", "l2 radii, in pixel units (e.g. 0.25,0.5).")
@@ -164,7 +166,14 @@ def run(f):
     keras.utils.set_random_seed(f.seed)
     dataset = run_config.get("dataset", "digits")
     images, labels = data.load_arrays(dataset, "test", data_dir=run_config.get("data_dir"))
-    images, labels = images[: f.num_examples], labels[: f.num_examples]
+    # Test splits are often ordered by class: attack a seeded random subset, never the
+    # first examples (which could all be of one class).
+    if f.num_examples < len(labels):
+        keep = np.sort(np.random.default_rng(f.seed).permutation(len(labels))[: f.num_examples])
+        images, labels = images[keep], labels[keep]
+    layer = model.cluster_centers
+    neighbours = min(run_config.get("eval_L") or 20, layer.num_clusters)
+    config = dataclasses.replace(config, neighbours=neighbours)
     bar = keras.utils.Progbar(1)
 
     def progress(done, total):
@@ -176,7 +185,8 @@ def run(f):
     for name, check in checks.items():
         if not check["passed"]:
             logging.warning("Gradient-masking check %s FAILED: %s", name, check["detail"])
-    result = {"split": "test", "dataset": dataset, **result, "masking_checks": checks,
+    result = {"split": "test", "dataset": dataset, "neighbours": neighbours, **result,
+              "masking_checks": checks,
               "config": {**dataclasses.asdict(config)}}
     with open(os.path.join(f.model_dir, "robustness.json"), "w") as fh:
         json.dump(result, fh, indent=2)
