@@ -7,7 +7,7 @@ runs
     python training/main.py --dataset=cifar10 --data_dir=PATH --width_multiplier=0.25 \
         --epochs=8 --lr=1e-3 --model_dir=runs/cifar10-resnet18-w025
 
-(about 30 minutes on 2 CPU cores), and saves benchmarks/results/cifar10_cpu_run.json with
+(about 20 minutes on 2 CPU cores: 19.6 min measured), and saves benchmarks/results/cifar10_cpu_run.json with
 the command, wall time, peak resident memory, per-epoch test accuracies and the final
 metrics; the last line printed is that JSON. `--collect` records a run that was already
 started with the same command under `/usr/bin/time -v` (pass its stderr as --time_log).
