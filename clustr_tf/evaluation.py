@@ -60,8 +60,11 @@ def evaluate_robustness(model, images, labels, config, progress=None):
     batches = [slice(i, min(i + config.batch_size, n)) for i in range(0, n, config.batch_size)]
     layer = model.cluster_centers
 
+    # One backbone pass gives both rules' clean decisions (the same logits model_fn gives).
     features = np.concatenate([model.embed(images[b], training=False).numpy() for b in batches])
-    logits = np.concatenate([model_fn(images[b]).numpy() for b in batches])
+    logits = layer.logits_from_distances(
+        layer.squared_distances(features), config.neighbours
+    ).numpy()
     clean = logits.argmax(1) == labels
     radius_f, classes, _ = certify.feature_radius(
         features.astype(np.float64), layer.centers.numpy().astype(np.float64), layer.clusters_per_class

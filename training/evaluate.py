@@ -101,7 +101,7 @@ def load_run(model_dir):
     centers = layer.centers.numpy()
     if not (float(layer.variance.numpy()) > 0 and np.isfinite(centers).all()
             and np.ptp(centers, axis=0).max() > 0):
-        raise EvalError(f"The model in {path} has no fitted cluster centers (never refreshed).")
+        raise EvalError(f"The model in {path} has degenerate cluster centers (NaN, all equal, or a zero variance).")
     config_path = os.path.join(model_dir, "config.json")
     run_config = {}
     if os.path.exists(config_path):
