@@ -23,6 +23,8 @@ Reference:
     ICLR 2018; Carlini & Wagner, IEEE S&P 2017.
 """
 
+import warnings
+
 import numpy as np
 import tensorflow as tf
 from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
@@ -105,21 +107,100 @@ def pgd(model_fn, images, labels, eps, step, iterations, norm=np.inf, loss="marg
         )
     images = tf.convert_to_tensor(images, tf.float32)
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
-    correct = lambda x: tf.argmax(model_fn(x), axis=1) == labels  # noqa: E731
-    robust = correct(images).numpy()
+    robust = (tf.argmax(model_fn(images), axis=1) == labels).numpy()
     if eps == 0:
         return images, robust
-    worst = images
+    worst = images.numpy()
     for r in range(restarts):
+        # Restarts only attack the examples no earlier restart fooled (the worst case is
+        # the same); the subset is padded to a power of two so the gradient function
+        # traces for a few batch sizes only.
+        index = np.flatnonzero(robust)
+        if not len(index):
+            break
+        padded = np.resize(index, 1 << int(np.ceil(np.log2(len(index)))))
         tf.random.set_seed(seed + r)
+        x, y = tf.gather(images, padded), tf.gather(labels, padded)
         adv = projected_gradient_descent(
-            model_fn, images, eps, min(step, eps), iterations, norm, loss_fn=LOSSES[loss],
-            clip_min=0.0, clip_max=1.0, y=labels, targeted=False, rand_init=True,
+            model_fn, x, eps, min(step, eps), iterations, norm, loss_fn=LOSSES[loss],
+            clip_min=0.0, clip_max=1.0, y=y, targeted=False, rand_init=True,
             sanity_checks=False,
         )
-        fooled = ~correct(adv).numpy()
-        newly = fooled & robust
-        keep = tf.reshape(tf.constant(newly | (robust & (r == restarts - 1))), [-1, 1, 1, 1])
-        worst = tf.where(keep, adv, worst)
-        robust &= ~fooled
-    return worst, robust
+        fooled = (tf.argmax(model_fn(adv), axis=1) != y).numpy()[: len(index)]
+        adv = adv.numpy()[: len(index)]
+        keep = fooled | (r == restarts - 1)
+        worst[index[keep]] = adv[keep]
+        robust[index[fooled]] = False
+    return tf.constant(worst), robust
+
+
+def square(model_fn, images, labels, eps, queries=5000, norm=np.inf, seed=0, batch_size=256):
+    """The Square attack (gradient-free, random search) from IBM's adversarial-robustness-toolbox.
+
+    It only queries the model's outputs (the margin of the log-scores), so gradient
+    masking cannot stop it: an evaluation where it beats PGD is not to be trusted.
+
+    Args:
+        model_fn: `images -> logits [B, C]` (see `logits_function`).
+        images: float array [B, H, W, C] in [0, 1].
+        labels: int array [B], the true classes.
+        eps: float >= 0, the radius of the `norm` ball.
+        queries: int >= 1, the query budget per example (AutoAttack uses 5000); an example
+            stops being queried once fooled.
+        norm: `np.inf` or 2.
+        seed: int, seeds numpy's global generator, which the toolbox draws from.
+        batch_size: examples per model call.
+
+    Returns:
+        `(adversarial, robust)` as `pgd` returns them.
+
+    Reference:
+        Andriushchenko et al., "Square Attack: a query-efficient black-box adversarial
+        attack via random search", ECCV 2020.
+    """
+    if norm not in (np.inf, 2):
+        raise ValueError(f"`norm` must be np.inf or 2. Received: {norm!r}")
+    if not eps >= 0:
+        raise ValueError(f"`eps` must be >= 0. Received: {eps!r}")
+    if queries < 1:
+        raise ValueError(f"`queries` must be >= 1. Received: {queries!r}")
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    fn = tf.function(model_fn, reduce_retracing=True)
+
+    def predict(x):
+        return np.concatenate(
+            [fn(tf.constant(x[i : i + batch_size], tf.float32)).numpy()
+             for i in range(0, len(x), batch_size)]
+        )
+
+    robust = predict(images).argmax(1) == labels if len(labels) else np.zeros(0, bool)
+    if eps == 0 or not robust.any():
+        return tf.constant(images), robust
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "PyTorch not found" from an unrelated module
+        from art.attacks.evasion import SquareAttack
+        from art.estimators.classification import BlackBoxClassifierNeuralNetwork
+    num_classes = int(predict(images[:1]).shape[1])
+    classifier = BlackBoxClassifierNeuralNetwork(
+        predict, input_shape=images.shape[1:], nb_classes=num_classes, clip_values=(0.0, 1.0),
+        channels_first=False,
+    )
+    attack = SquareAttack(classifier, norm=norm, eps=float(eps), max_iter=int(queries),
+                          nb_restarts=1, batch_size=batch_size, verbose=False)
+    index = np.flatnonzero(robust)
+    np.random.seed(seed)
+    adv = attack.generate(images[index], y=np.eye(num_classes)[labels[index]])
+    # Keep the inputs exactly inside the ball and the box; the toolbox's l2 step can divide
+    # 0 by 0 on small images, and a NaN perturbation is no perturbation.
+    delta = np.nan_to_num(adv - images[index], nan=0.0, posinf=0.0, neginf=0.0)
+    if norm == np.inf:
+        delta = np.clip(delta, -eps, eps)
+    else:
+        flat = np.sqrt((delta.reshape(len(index), -1) ** 2).sum(1)).reshape(-1, 1, 1, 1)
+        delta = delta * np.minimum(1.0, eps / np.maximum(flat, 1e-12))
+    adv = np.clip(images[index] + delta, 0.0, 1.0)
+    worst = images.copy()
+    worst[index] = adv
+    robust[index] = predict(adv).argmax(1) == labels[index]
+    return tf.constant(worst), robust

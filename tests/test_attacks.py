@@ -17,8 +17,21 @@ class ThresholdModel(keras.Model):
         return tf.stack([10.0 * v, -10.0 * v], axis=1)
 
 
-def _points():
-    images = np.full((4, 3, 3, 1), 0.5, "float32")
+@tf.custom_gradient
+def _reversed_gradient(x):
+    return tf.identity(x), lambda upstream: -upstream
+
+
+class ObfuscatedThresholdModel(ThresholdModel):
+    """The same decisions as ThresholdModel, with its input gradient pointing the wrong
+    way: gradient attacks walk away from the boundary; a gradient-free one does not."""
+
+    def call(self, images, training=False):
+        return super().call(_reversed_gradient(images))
+
+
+def _points(size=3):
+    images = np.full((4, size, size, 1), 0.5, "float32")
     images[:, 0, 0, 0] = [0.3, 0.7, 0.35, 0.9]  # distances to the boundary: .2 .2 .15 .4
     return tf.constant(images), tf.constant([1, 0, 1, 0])
 
@@ -63,6 +76,23 @@ class PgdTest(parameterized.TestCase):
         fooled = tf.argmax(self.model_fn(adv), 1).numpy() != labels.numpy()
         np.testing.assert_array_equal(fooled, ~robust)
 
+    def test_restarts_only_attack_the_examples_still_standing(self):
+        """After a restart fools an example, later restarts leave it out: the model sees
+        fewer examples in later restarts (padded to a power of two), and the result is the
+        same worst case."""
+        images, labels = _points()
+        sizes = []
+        model = ThresholdModel()
+
+        def counting_fn(x):
+            sizes.append(int(x.shape[0]))
+            return model(x)
+
+        _, robust = attacks.pgd(counting_fn, images, labels, 0.21, 0.05, 20, restarts=3)
+        self.assertEqual(robust.tolist(), [False, False, False, True])
+        self.assertEqual(sizes[0], 4)
+        self.assertIn(1, sizes)  # only the fourth example is attacked by the last restart
+
     def test_logits_function_uses_the_evaluation_neighbours(self):
         from clustr_tf import models
 
@@ -95,3 +125,56 @@ class PgdTest(parameterized.TestCase):
 
 if __name__ == "__main__":
     absltest.main()
+
+
+class SquareTest(parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.model_fn = attacks.logits_function(ThresholdModel())
+
+    def test_eps_zero_changes_nothing(self):
+        images, labels = _points(8)  # Square needs a few pixels a side
+        adv, robust = attacks.square(self.model_fn, images, labels, 0.0, queries=10)
+        np.testing.assert_array_equal(adv.numpy(), images.numpy())
+        self.assertTrue(robust.all())
+
+    @parameterized.parameters((np.inf, 0.1), (2, 0.5))
+    def test_stays_in_the_ball_and_the_box(self, norm, eps):
+        rng = np.random.default_rng(0)
+        images = rng.random((6, 6, 6, 3)).astype("float32")
+        model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Flatten(), keras.layers.Dense(5)])
+        labels = np.argmax(model(images), 1)  # all correctly classified: all attacked
+        adv, _ = attacks.square(attacks.logits_function(model), images, labels, eps, queries=50, norm=norm)
+        self.assertTrue(np.isfinite(adv.numpy()).all())
+        delta = tf.reshape(adv - images, [6, -1])
+        size = tf.reduce_max(tf.abs(delta), 1) if norm == np.inf else tf.norm(delta, axis=1)
+        self.assertLessEqual(float(tf.reduce_max(size)), eps * (1 + 1e-5))
+        self.assertGreater(float(tf.reduce_max(size)), 0.0)
+        self.assertGreaterEqual(float(tf.reduce_min(adv)), 0.0)
+        self.assertLessEqual(float(tf.reduce_max(adv)), 1.0)
+
+    def test_broken_exactly_when_eps_exceeds_the_distance(self):
+        images, labels = _points(8)  # Square needs a few pixels a side
+        _, robust = attacks.square(self.model_fn, images, labels, 0.19, queries=300)
+        self.assertEqual(robust.tolist(), [True, True, False, True])
+        adv, robust = attacks.square(self.model_fn, images, labels, 0.21, queries=300)
+        self.assertEqual(robust.tolist(), [False, False, False, True])
+        fooled = tf.argmax(self.model_fn(adv), 1).numpy() != labels.numpy()
+        np.testing.assert_array_equal(fooled, ~robust)
+
+    def test_breaks_what_masked_gradients_hide_from_pgd(self):
+        """PGD follows the reversed gradient away from the boundary and finds nothing;
+        Square, which never reads a gradient, breaks every example within reach."""
+        fn = attacks.logits_function(ObfuscatedThresholdModel())
+        images, labels = _points(8)  # Square needs a few pixels a side
+        _, robust = attacks.pgd(fn, images, labels, 0.21, 0.05, 20, loss="margin", restarts=3)
+        self.assertTrue(robust.all())
+        _, robust = attacks.square(fn, images, labels, 0.21, queries=300)
+        self.assertEqual(robust.tolist(), [False, False, False, True])
+
+    def test_bad_arguments(self):
+        images, labels = _points(8)  # Square needs a few pixels a side
+        with self.assertRaisesRegex(ValueError, "norm"):
+            attacks.square(self.model_fn, images, labels, 0.1, norm=1)
+        with self.assertRaisesRegex(ValueError, "queries"):
+            attacks.square(self.model_fn, images, labels, 0.1, queries=0)

@@ -18,30 +18,117 @@ MAIN = os.path.join(ROOT, "training", "main.py")
 EVALUATE = os.path.join(ROOT, "training", "evaluate.py")
 
 
-def _result(worst, per_loss):
+def _result(worst, per_loss, stronger=(0.3, 0.3), square=(0.31, 0.3, 0.3)):
+    """A result dict: `stronger` = worst case at 8/255 before and after the 5x run;
+    `square` = (Square's accuracy, gradient worst case, worst case with Square)."""
     attacks = [{"norm": "inf", "eps": float(e.split("/")[0]) / 255, "loss": loss, "accuracy": acc,
-                "iterations": 20, "restarts": 1}
+                "iterations": 20, "restarts": 1, "scope": "all"}
                for e, losses in per_loss.items() for loss, acc in losses.items()]
-    return {"robust_accuracy": worst, "attacks": attacks}
+    # Runs that must not enter the per-loss comparison: a survivors-only margin run and Square.
+    attacks.append({"norm": "inf", "eps": 8 / 255, "loss": "margin", "accuracy": 0.0, "iterations": 100,
+                    "restarts": 1, "scope": "survivors"})
+    attacks.append({"norm": "inf", "eps": 8 / 255, "loss": "square", "accuracy": 0.9, "iterations": 5000,
+                    "restarts": 1, "scope": "all"})
+    return {
+        "robust_accuracy": worst, "attacks": attacks,
+        "stronger_attack": {"8/255": {"loss": "margin", "iterations": 100, "restarts": 1,
+                                      "accuracy_before": stronger[0], "accuracy_after": stronger[1]}},
+        "gradient_free": {"8/255": {"attack": "square", "queries": 5000, "accuracy": square[0],
+                                    "gradient_worst_case": square[1], "worst_case_with_square": square[2],
+                                    "broken_only_by_square": square[1] - square[2]}},
+    }
 
 
 class MaskingChecksTest(absltest.TestCase):
     def test_healthy_result_passes(self):
-        result = _result({"2/255": 0.6, "8/255": 0.3},
-                         {"2/255": {"official": 0.62, "margin": 0.6}, "8/255": {"official": 0.31, "margin": 0.3}})
+        result = _result({"2/255": 0.6, "8/255": 0.3, "255/255": 0.0},
+                         {"2/255": {"official": 0.62, "margin": 0.6}, "8/255": {"official": 0.31, "margin": 0.3},
+                          "255/255": {"margin": 0.0}})
         checks = evaluation.masking_checks(result, num_classes=10)
         self.assertTrue(all(c["passed"] for c in checks.values()), checks)
+        self.assertLen(checks, 6)
+
+    def test_checks_not_run_fail_and_say_so(self):
+        result = _result({"8/255": 0.3}, {"8/255": {"margin": 0.3}})
+        del result["stronger_attack"], result["gradient_free"]
+        checks = evaluation.masking_checks(result, num_classes=10)
+        for name in ("unbounded_eps_breaks_all", "stronger_attack_converged", "gradient_free_no_better"):
+            self.assertFalse(checks[name]["passed"])
+            self.assertIn("not run", checks[name]["detail"])
+
+    def test_monotone_check_compares_the_same_pgd_runs(self):
+        """Square at 8/255 only may put the 8/255 worst case under 16/255's: that is not
+        a rise in accuracy with eps; a rise among the PGD-only worst cases is."""
+        per_loss = {"8/255": {"margin": 0.3}, "16/255": {"margin": 0.25}, "255/255": {"margin": 0.0}}
+        result = _result({"8/255": 0.2, "16/255": 0.25, "255/255": 0.0}, per_loss, square=(0.2, 0.3, 0.2))
+        result["robust_accuracy_pgd"] = {"8/255": 0.3, "16/255": 0.25, "255/255": 0.0}
+        self.assertTrue(evaluation.masking_checks(result, 10)["monotone_in_eps"]["passed"])
+        result["robust_accuracy_pgd"]["16/255"] = 0.35
+        self.assertFalse(evaluation.masking_checks(result, 10)["monotone_in_eps"]["passed"])
 
     def test_masking_signs_fail(self):
         """Accuracy rising with eps, losses 30 points apart, the official loss 30 points
-        above the worst case, and 50% left at eps 255/255: every check fails."""
+        above the worst case, 50% left at eps 255/255, 5x iterations breaking 3 more
+        points, and Square breaking 5 points PGD left standing: every check fails."""
         result = _result({"8/255": 0.3, "16/255": 0.4, "255/255": 0.5},
                          {"8/255": {"official": 0.6, "margin": 0.3}, "16/255": {"official": 0.7, "margin": 0.4},
-                          "255/255": {"official": 0.8, "margin": 0.5}})
+                          "255/255": {"official": 0.8, "margin": 0.5}},
+                         stronger=(0.33, 0.3), square=(0.28, 0.3, 0.25))
         checks = evaluation.masking_checks(result, num_classes=10)
         self.assertEqual({k: c["passed"] for k, c in checks.items()},
                          {"monotone_in_eps": False, "losses_agree": False,
-                          "unbounded_eps_breaks_all": False, "official_gap": False})
+                          "unbounded_eps_breaks_all": False, "official_gap": False,
+                          "stronger_attack_converged": False, "gradient_free_no_better": False})
+
+    def test_stronger_and_square_within_tolerance_pass(self):
+        per_loss = {"8/255": {"margin": 0.3}, "255/255": {"margin": 0.0}}
+        result = _result({"8/255": 0.29, "255/255": 0.0}, per_loss, stronger=(0.305, 0.3), square=(0.35, 0.3, 0.29))
+        checks = evaluation.masking_checks(result, num_classes=10)
+        self.assertTrue(checks["stronger_attack_converged"]["passed"], checks)
+        self.assertTrue(checks["gradient_free_no_better"]["passed"], checks)
+
+
+class EvaluateRobustnessTest(absltest.TestCase):
+    def setUp(self):
+        super().setUp()
+        import keras
+        import numpy as np
+
+        from clustr_tf import backbones
+        from clustr_tf import models
+
+        keras.utils.set_random_seed(0)
+        backbone = backbones.small_convnet((8, 8, 1), width=4, embedding_dim=4)
+        self.model = models.ClusTRModel(backbone, num_classes=3, clusters_per_class=1, neighbours=3)
+        rng = np.random.default_rng(0)
+        self.images = rng.random((12, 8, 8, 1)).astype("float32")
+        self.model(self.images[:1])
+        layer = self.model.cluster_centers
+        features = self.model.embed(self.images).numpy()
+        layer.centers.assign(features[:3])  # example i is nearest to center i: 3 classes present
+        self.labels = np.argmax(self.model(self.images).numpy(), 1)  # all clean-correct
+
+    def test_every_run_and_the_unbounded_check(self):
+        config = evaluation.EvalConfig(linf_eps=(0.0, 8 / 255), losses=("margin", "logits"), iterations=3,
+                                       restarts=1, square_queries=20, batch_size=5, radii=(0.0,))
+        result = evaluation.evaluate_robustness(self.model, self.images, self.labels, config)
+        runs = [(a["eps"], a["loss"], a["iterations"], a["scope"]) for a in result["attacks"]]
+        self.assertEqual(runs, [(0.0, "margin", 3, "all"), (0.0, "logits", 3, "all"),
+                                (8 / 255, "margin", 3, "all"), (8 / 255, "logits", 3, "all"),
+                                (1.0, "margin", 3, "all"),  # the unbounded check, added
+                                (8 / 255, result["stronger_attack"]["8/255"]["loss"], 15, "survivors"),
+                                (8 / 255, "square", 20, "all")])
+        self.assertEqual(list(result["robust_accuracy"]), ["0/255", "8/255", "255/255"])
+        self.assertEqual(result["robust_accuracy"]["0/255"], 1.0)
+        self.assertEqual(result["robust_accuracy"]["255/255"], 0.0)  # any input is reachable
+        self.assertLessEqual(result["robust_accuracy"]["8/255"], result["robust_accuracy_pgd"]["8/255"])
+        checks = evaluation.masking_checks(result, num_classes=3)
+        self.assertTrue(checks["unbounded_eps_breaks_all"]["passed"], checks)
+
+    def test_extra_runs_must_be_at_attacked_eps(self):
+        config = evaluation.EvalConfig(linf_eps=(2 / 255,), square_eps=(8 / 255,))
+        with self.assertRaisesRegex(ValueError, "square_eps"):
+            evaluation.evaluate_robustness(self.model, self.images, self.labels, config)
 
 
 def _tempdir(test):
@@ -70,7 +157,7 @@ class EvaluateBinaryTest(parameterized.TestCase):
 
     def test_writes_robustness_json_csv_and_plots(self):
         out = self._evaluate(f"--model_dir={self.run_dir}", "--num_examples=60", "--iterations=5",
-                             "--restarts=2", "--eps=0,8,255", "--l2_eps=0.5")
+                             "--restarts=2", "--eps=0,8,255", "--l2_eps=0.5", "--square_queries=100")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         with open(os.path.join(self.run_dir, "robustness.json")) as fh:
             result = json.load(fh)
@@ -79,7 +166,18 @@ class EvaluateBinaryTest(parameterized.TestCase):
             self.assertIn(key, result)
         self.assertEqual(result["num_examples"], 60)
         self.assertEqual(result["neighbours"], 20)  # the run's eval_L, not the training L
-        self.assertLen(result["attacks"], 4 * 3)  # (3 l_inf + 1 l2 eps) x 3 losses
+        # (3 l_inf + 1 l2 eps) x 3 losses, the 5x run and Square at 8/255.
+        self.assertLen(result["attacks"], 4 * 3 + 2)
+        square = [a for a in result["attacks"] if a["loss"] == "square"]
+        self.assertEqual([(a["eps"] * 255, a["iterations"], a["scope"]) for a in square], [(8.0, 100, "all")])
+        stronger = [a for a in result["attacks"] if a["scope"] == "survivors"]
+        self.assertEqual([(a["eps"] * 255, a["iterations"]) for a in stronger], [(8.0, 25)])
+        self.assertEqual(set(result["masking_checks"]),
+                         {"monotone_in_eps", "losses_agree", "unbounded_eps_breaks_all", "official_gap",
+                          "stronger_attack_converged", "gradient_free_no_better"})
+        free = result["gradient_free"]["8/255"]
+        self.assertAlmostEqual(free["worst_case_with_square"], result["robust_accuracy"]["8/255"])
+        self.assertLessEqual(free["worst_case_with_square"], min(free["accuracy"], free["gradient_worst_case"]))
         worst = result["robust_accuracy"]
         self.assertAlmostEqual(worst["0/255"], result["clean_accuracy"])  # eps 0 changes nothing
         self.assertLessEqual(worst["8/255"], worst["0/255"])
@@ -89,7 +187,7 @@ class EvaluateBinaryTest(parameterized.TestCase):
                 self.assertLessEqual(worst[f"{a['eps'] * 255:g}/255"], a["accuracy"] + 1e-9)
         self.assertLessEqual(result["certified_accuracy"]["0.5"], result["certified_accuracy"]["0.0"])
         with open(os.path.join(self.run_dir, "attacks.csv")) as fh:
-            self.assertLen(list(csv.DictReader(fh)), 12)
+            self.assertLen(list(csv.DictReader(fh)), 14)
         for name in ("robustness_attacks.png", "robustness_certified.png", "robustness_features.png"):
             self.assertGreater(os.path.getsize(os.path.join(self.run_dir, name)), 1000)
 
@@ -100,6 +198,9 @@ class EvaluateBinaryTest(parameterized.TestCase):
         ("eps_too_large", ["--eps=300"], "at most 255"),
         ("bad_loss", ["--losses=margin,dlr"], "--losses"),
         ("bad_step", ["--step=0"], "--step"),
+        ("square_eps_not_attacked", ["--eps=2,8", "--square_eps=16"], "--square_eps values must be among --eps"),
+        ("stronger_eps_not_attacked", ["--eps=2", "--square_eps=2", "--stronger_eps=8"], "--stronger_eps values must be among"),
+        ("bad_queries", ["--square_queries=0"], "--square_queries must be >= 1"),
     )
     def test_bad_input(self, args, message):
         if args and args[0].startswith("--model_dir") or not args and message.startswith("--model_dir"):

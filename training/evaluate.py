@@ -31,6 +31,14 @@ def define_flags():
     flags.DEFINE_integer("restarts", 10, "PGD random restarts.")
     flags.DEFINE_string("losses", "official,logits,margin", "Attack losses.")
     flags.DEFINE_string("radii", "0,0.05,0.1,0.25,0.5", "l2 radii for certified accuracy.")
+    flags.DEFINE_string("square_eps", "8", "l_inf eps (1/255 units, among --eps) at which the "
+                        "gradient-free Square attack joins the worst case; empty: none (its check fails).")
+    flags.DEFINE_integer("square_queries", 5000, "Square attack queries per example.")
+    flags.DEFINE_string("stronger_eps", "8", "l_inf eps (1/255 units, among --eps) at which the strongest "
+                        "loss is rerun with --stronger_factor x the iterations; empty: none (its check fails).")
+    flags.DEFINE_integer("stronger_factor", 5, "Iteration multiplier of the stronger run.")
+    flags.DEFINE_boolean("unbounded_check", True, "Attack at eps 255/255 (the whole box): accuracy must "
+                         "fall to chance.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
@@ -56,7 +64,7 @@ def config_from_flags(f):
         raise EvalError("--model_dir is required (a run directory of training/main.py).")
     if not os.path.isdir(f.model_dir):
         raise EvalError(f"--model_dir is not a directory. Received: {f.model_dir}")
-    for name in ("num_examples", "batch_size", "iterations", "restarts"):
+    for name in ("num_examples", "batch_size", "iterations", "restarts", "square_queries", "stronger_factor"):
         if getattr(f, name) < 1:
             raise EvalError(f"--{name} must be >= 1. Received: {getattr(f, name)}")
     eps = _floats("eps", f.eps)
@@ -68,7 +76,19 @@ def config_from_flags(f):
     unknown = [v for v in losses if v not in attacks.LOSSES]
     if unknown or not losses:
         raise EvalError(f"--losses must name some of {', '.join(attacks.LOSSES)}. Received: {f.losses!r}")
+    subsets = {}
+    for name in ("square_eps", "stronger_eps"):
+        values = _floats(name, getattr(f, name))
+        missing = [v for v in values if v not in eps]
+        if missing:
+            raise EvalError(f"--{name} values must be among --eps ({f.eps}). Received: {getattr(f, name)!r}")
+        subsets[name] = tuple(v / 255 for v in values)
     return evaluation.EvalConfig(
+        square_eps=subsets["square_eps"],
+        square_queries=f.square_queries,
+        stronger_eps=subsets["stronger_eps"],
+        stronger_factor=f.stronger_factor,
+        unbounded_check=f.unbounded_check,
         linf_eps=tuple(e / 255 for e in eps),
         l2_eps=_floats("l2_eps", f.l2_eps),
         step=f.step / 255,
@@ -118,10 +138,12 @@ def _plots(result, model, images, labels, model_dir):
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for loss in sorted({a["loss"] for a in result["attacks"]}):
-        runs = sorted((a["eps"], a["accuracy"]) for a in result["attacks"] if a["loss"] == loss and a["norm"] == "inf")
+    shown = [a for a in result["attacks"] if a["norm"] == "inf" and a["eps"] < 1.0 and a.get("scope") == "all"]
+    for loss in sorted({a["loss"] for a in shown}):
+        runs = sorted((a["eps"], a["accuracy"]) for a in shown if a["loss"] == loss)
         ax.plot([e * 255 for e, _ in runs], [a for _, a in runs], marker="o", label=loss)
-    worst = sorted((float(k.split("/")[0]), v) for k, v in result["robust_accuracy"].items())
+    worst = sorted((float(k.split("/")[0]), v) for k, v in result["robust_accuracy"].items()
+                   if float(k.split("/")[0]) < 255)
     ax.plot([e for e, _ in worst], [v for _, v in worst], "k--", marker="s", label="worst case")
     ax.set(xlabel="l_inf eps (1/255)", ylabel="accuracy", ylim=(0, 1), title="Robust accuracy")
     ax.legend()
@@ -191,7 +213,7 @@ def run(f):
     with open(os.path.join(f.model_dir, "robustness.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     with open(os.path.join(f.model_dir, "attacks.csv"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["norm", "eps", "loss", "iterations", "restarts", "accuracy"])
+        writer = csv.DictWriter(fh, fieldnames=["norm", "eps", "loss", "iterations", "restarts", "accuracy", "scope"])
         writer.writeheader()
         writer.writerows(result["attacks"])
     _plots(result, model, images, np.asarray(labels), f.model_dir)
