@@ -8,6 +8,7 @@ result file is missing is left as it is. Numbers in README.md come only from her
 
 import json
 import os
+import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -75,11 +76,72 @@ def attack_throughput(r):
     ]
 
 
+def robustness(r):
+    """A table of robust accuracy by eps and attack, the certificate and the checks."""
+    by_eps = {}
+    for a in r["attacks"]:
+        if a["norm"] == "inf" and a.get("scope", "all") == "all":
+            by_eps.setdefault(f"{a['eps'] * 255:g}/255", {})[a["loss"]] = a["accuracy"]
+    losses = ["official", "logits", "margin", "square"]
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    lines = [
+        f"`{r['command']}` on {r['num_examples']} {r['dataset']} test images "
+        f"(soft kNC with L = {r['neighbours']}; {r['wall_seconds'] / 60:.1f} min on {r['machine']['cpus']} CPU cores):",
+        "",
+        f"Clean accuracy {pct(r['clean_accuracy'])} (nearest center {pct(r['nearest_center_accuracy'])}).",
+        "",
+        "| l_inf eps | official | logits | margin | Square | worst case |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, worst in r["robust_accuracy"].items():
+        row = by_eps.get(key, {})
+        lines.append(f"| {key} | " + " | ".join(pct(row.get(k)) for k in losses) + f" | **{pct(worst)}** |")
+    for key, worst in r.get("robust_accuracy_l2", {}).items():
+        lines.append(f"| l2 {key} | | | | | **{pct(worst)}** |")
+    cert = ", ".join(f"{pct(v)} at {k}" for k, v in r["certified_accuracy"].items())
+    lines += [
+        "",
+        f"Certified accuracy (l2, nearest center; Lipschitz bound {r['lipschitz_bound']:.3g}, median radius "
+        f"{r['median_certified_radius']:.2g}): {cert}.",
+        "",
+        "| masking check | outcome | detail |",
+        "|---|---|---|",
+    ]
+    for name, check in r["masking_checks"].items():
+        outcome = "passed" if check["passed"] else "**FAILED**"
+        detail = re.sub(r"\d+\.\d{5,}", lambda m: f"{float(m.group()):.4f}", check["detail"])
+        lines.append(f"| {name} | {outcome} | {detail.replace('|', '/')} |")
+    return lines
+
+
+def serving_latency(r):
+    lat, thr, dev, t = r["latency_batch_1"], r["throughput"], r["device"], r["target"]
+    rows = [
+        f"| `{name}` | {lat[name + '_ms']['median']:.1f} ms / {lat[name + '_ms']['p90']:.1f} ms | "
+        f"{thr[name + '_images_per_s']:.0f} images/s |"
+        for name in ("serving_default", "certify", "embed")
+    ]
+    return [
+        f"{r['model']}; {r['loaded_with']}; {dev['cpu']} with {dev['cpus']} cores, TF {dev['tensorflow']} "
+        f"({r.get('date', '')}):",
+        "",
+        f"| signature | latency at batch 1 (median / p90) | throughput at batch {thr['batch']} |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"`certify` / `serving_default` latency at batch 1: **{lat['certify_over_serving_default']:.2f}x** "
+        f"(target <= {t['certify_over_serving_default_max']}: {'met' if t['met'] else '**not met**'}).",
+    ]
+
+
 BLOCKS = {
     "attack-throughput-results": ("attack_throughput.json", attack_throughput),
     "default-run-results": ("default_run.json", default_run),
     "train-throughput-results": ("train_throughput.json", train_throughput),
     "cifar10-cpu-run-results": ("cifar10_cpu_run.json", cifar10_cpu_run),
+    "serving-latency-results": ("serving_latency.json", serving_latency),
+    "robustness-digits-results": ("robustness_digits.json", robustness),
+    "robustness-cifar10-results": ("robustness_cifar10.json", robustness),
 }
 
 

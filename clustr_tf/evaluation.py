@@ -18,11 +18,12 @@ from clustr_tf import lipschitz
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What to run. eps values are in pixel units ([0, 1] images); `neighbours` is L of
-    the soft-kNC rule under attack (default: the model's)."""
+    """What to run. eps values are in pixel units ([0, 1] images); `step` is the l_inf
+    step (l2 runs step eps / 4); `neighbours` is L of the soft-kNC rule under attack
+    (default: the model's)."""
 
     linf_eps: tuple = (2 / 255, 8 / 255, 16 / 255, 25.5 / 255)
-    l2_eps: tuple = ()
+    l2_eps: tuple = (0.5,)
     step: float = 2 / 255
     iterations: int = 20
     restarts: int = 10
@@ -98,7 +99,9 @@ def evaluate_robustness(model, images, labels, config, progress=None):
 
     unbounded = config.unbounded_check and not any(e >= 1.0 for e in config.linf_eps)
     runs = [("inf", e, loss, config.iterations, config.step) for e in config.linf_eps for loss in config.losses]
-    runs += [("2", e, loss, config.iterations, config.step) for e in config.l2_eps for loss in config.losses]
+    # l2 steps are eps / 4 (the l_inf step in pixels would move an l2 attack too little).
+    runs += [("2", e, loss, config.iterations, e / 4) for e in config.l2_eps if e > 0 for loss in config.losses]
+    runs += [("2", e, loss, config.iterations, config.step) for e in config.l2_eps if e == 0 for loss in config.losses]
     if unbounded:
         runs.append(("inf", 1.0, "margin", config.iterations, 0.1))
     total = len(runs) + len(config.stronger_eps) + len(config.square_eps)
@@ -189,6 +192,10 @@ def evaluate_robustness(model, images, labels, config, progress=None):
     }
 
 
+def _fmt(values):
+    return "{" + ", ".join(f"{k}: {v:.4f}" for k, v in values.items()) + "}"
+
+
 def masking_checks(result, num_classes):
     """Checks for gradient masking; each entry has `passed` and `detail`. A check that was
     not run fails (its detail says so): nothing is skipped silently.
@@ -213,7 +220,7 @@ def masking_checks(result, num_classes):
     rising = [(a, b) for a, b in zip(order, order[1:]) if same[b] > same[a] + 1e-9]
     checks["monotone_in_eps"] = {
         "passed": not rising,
-        "detail": f"PGD worst-case accuracy by eps: {dict((k, same[k]) for k in order)}",
+        "detail": f"PGD worst-case accuracy by eps: {_fmt({k: same[k] for k in order})}",
     }
     by_eps = {}
     for a in result["attacks"]:
@@ -222,12 +229,12 @@ def masking_checks(result, num_classes):
     spread = {k: max(v.values()) - min(v.values()) for k, v in by_eps.items()}
     checks["losses_agree"] = {
         "passed": all(s <= 0.05 for s in spread.values()),
-        "detail": f"largest difference between attack losses by eps: {spread}",
+        "detail": f"largest difference between attack losses by eps: {_fmt(spread)}",
     }
     big = [k for k in eps if float(k.split("/")[0]) >= 255]
     checks["unbounded_eps_breaks_all"] = {
         "passed": bool(big) and worst[big[-1]] <= 1.0 / num_classes + 1e-9,
-        "detail": (f"accuracy at eps {big[-1]}: {worst[big[-1]]} (chance {1.0 / num_classes:.3f})" if big
+        "detail": (f"accuracy at eps {big[-1]}: {worst[big[-1]]:.4f} (chance {1.0 / num_classes:.4f})" if big
                    else "not run: no l_inf eps of 255/255 was attacked"),
     }
     stronger = result.get("stronger_attack", {})
@@ -248,6 +255,6 @@ def masking_checks(result, num_classes):
     gaps = {k: v.get("official", np.nan) - worst[k] for k, v in by_eps.items() if "official" in v}
     checks["official_gap"] = {
         "passed": all(g <= 0.05 for g in gaps.values()),
-        "detail": f"official-loss accuracy minus worst case, by eps: {gaps}",
+        "detail": f"official-loss accuracy minus worst case, by eps: {_fmt(gaps)}",
     }
     return checks

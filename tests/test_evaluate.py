@@ -109,7 +109,7 @@ class EvaluateRobustnessTest(absltest.TestCase):
         self.labels = np.argmax(self.model(self.images).numpy(), 1)  # all clean-correct
 
     def test_every_run_and_the_unbounded_check(self):
-        config = evaluation.EvalConfig(linf_eps=(0.0, 8 / 255), losses=("margin", "logits"), iterations=3,
+        config = evaluation.EvalConfig(linf_eps=(0.0, 8 / 255), l2_eps=(), losses=("margin", "logits"), iterations=3,
                                        restarts=1, square_queries=20, batch_size=5, radii=(0.0,))
         result = evaluation.evaluate_robustness(self.model, self.images, self.labels, config)
         runs = [(a["eps"], a["loss"], a["iterations"], a["scope"]) for a in result["attacks"]]
