@@ -67,6 +67,39 @@ def feature_radius(features, centers, clusters_per_class):
     return radius, classes, best // clusters_per_class
 
 
+def linear_feature_radius(features, kernel, bias):
+    """The exact feature-space radius of a linear (softmax) head, per example.
+
+    The head predicts argmax_j (w_j . z + b_j); the predicted class c keeps winning while
+    z stays on its side of every hyperplane (w_c - w_j) . z + b_c - b_j = 0, so the
+    distance to the decision boundary is min over j != c of
+    ((w_c - w_j) . z + b_c - b_j) / ||w_c - w_j|| (the Lipschitz-margin certificate of
+    Tsuzuku et al., NeurIPS 2018, exact in feature space). With a Lipschitz bound of the
+    backbone it certifies the baselines as `feature_radius` certifies ClusTR.
+
+    Args:
+        features: float tensor [N, D].
+        kernel: float tensor [D, C], the head's weights.
+        bias: float tensor [C].
+
+    Returns:
+        `(radius, classes, runner_up)` as `feature_radius` returns them.
+    """
+    features = tf.convert_to_tensor(features)
+    dtype = tf.float64 if features.dtype == tf.float64 else tf.float32
+    features, kernel, bias = (tf.cast(t, dtype) for t in (features, kernel, bias))
+    logits = features @ kernel + bias  # [N, C]
+    classes = tf.argmax(logits, axis=-1)
+    w_c = tf.gather(tf.transpose(kernel), classes)  # [N, D]
+    norms = tf.norm(w_c[:, :, tf.newaxis] - kernel[tf.newaxis], axis=1)  # [N, C]
+    gaps = tf.gather(logits, classes, axis=1, batch_dims=1)[:, tf.newaxis] - logits
+    margins = gaps / tf.maximum(norms, 1e-12)
+    own = tf.one_hot(classes, tf.shape(kernel)[1], on_value=True, off_value=False)
+    margins = tf.where(own, tf.fill(tf.shape(margins), tf.constant(float("inf"), dtype)), margins)
+    best = tf.argmin(margins, axis=-1)
+    return tf.nn.relu(tf.gather(margins, best, axis=1, batch_dims=1)), classes, best
+
+
 def _distance_to_polyhedron(z, g, h, tol):
     """Distance from z to {y : g y <= h} (few rows), by enumerating active sets.
 

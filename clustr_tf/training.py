@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from clustr_tf import baselines
 from clustr_tf import clustering
 from clustr_tf import distribute
 from clustr_tf import losses
@@ -66,6 +67,14 @@ class TrainConfig:
             ends); 0 saves at epoch ends only.
         jit_compile: bool, compile the step with XLA (for accelerators).
         seed: int.
+        method: "clustr" (a `ClusTRModel` on neighbourhood batches), or a baseline on a
+            `baselines.SoftmaxClassifier` and `baselines.BatchSource` batches:
+            "cross_entropy", or "pgd_at" (Madry et al.: cross-entropy on PGD inputs).
+        pgd_eps, pgd_step, pgd_iterations: the "pgd_at" training attack (Madry et al. on
+            CIFAR-10: 8/255, 2/255, 7 to 10 steps).
+        time_budget_seconds: float or None; stop after the epoch in which the training time
+            (summed over restarts, saved in the checkpoint) reaches it, even before
+            `epochs`: the way to train several methods under one compute budget.
     """
 
     epochs: int
@@ -81,6 +90,14 @@ class TrainConfig:
     checkpoint_every_steps: int = 100
     jit_compile: bool = False
     seed: int = 0
+    method: str = "clustr"
+    pgd_eps: float = 8.0 / 255.0
+    pgd_step: float = 2.0 / 255.0
+    pgd_iterations: int = 10
+    time_budget_seconds: float | None = None
+
+
+METHODS = ("clustr", "cross_entropy", "pgd_at")
 
 
 def kl_divergence(logits_p, logits_q):
@@ -156,8 +173,21 @@ def per_example_objective(model, images, targets, config, adversarial=None):
     return total, magnet, logits, features
 
 
+def _baseline_prediction_function(model):
+    """As `models.prediction_function` for a classifier without centers: both rules are
+    its argmax (so `evaluate_accuracy` works unchanged)."""
+
+    @tf.function(reduce_retracing=True)
+    def predict(images):
+        classes = tf.argmax(model(images, training=False), axis=-1)
+        return classes, classes
+
+    return predict
+
+
 class Trainer:
-    """Trains a `ClusTRModel` under a `tf.distribute` strategy; see the module docstring.
+    """Trains a `ClusTRModel` (or, with `config.method` "cross_entropy" or "pgd_at", a
+    `baselines.SoftmaxClassifier`) under a `tf.distribute` strategy; see the module docstring.
 
     Build the model and the optimizer inside `strategy.scope()`; create the sampler
     outside it (its variables are plain CPU variables that each worker keeps).
@@ -165,7 +195,8 @@ class Trainer:
     Args:
         model: a `ClusTRModel`, built.
         optimizer: a Keras optimizer (a `LossScaleOptimizer` under mixed_float16).
-        sampler: a `NeighbourhoodSampler` over the training set.
+        sampler: a `NeighbourhoodSampler` over the training set (a `baselines.BatchSource`
+            for the baselines).
         strategy: the `tf.distribute.Strategy` the model was built under.
         model_dir: the run directory (checkpoints, logs).
         config: a `TrainConfig`.
@@ -186,23 +217,33 @@ class Trainer:
         self.test_dataset = test_dataset
         self.augment = augment
         self.verbose = verbose
+        if config.method not in METHODS:
+            raise ValueError(f"`method` must be one of {', '.join(METHODS)}. Received: {config.method!r}")
+        self.clustr = config.method == "clustr"
+        if self.clustr != isinstance(model, models.ClusTRModel):
+            raise TypeError(f"method {config.method!r} trains a "
+                            f"{'ClusTRModel' if self.clustr else 'baselines.SoftmaxClassifier'}. "
+                            f"Received: {type(model).__name__}")
         self.is_chief, self.worker_index, self.num_workers = distribute.worker_info(strategy)
         self.replicas = strategy.num_replicas_in_sync
         self.local_replicas = max(self.replicas // self.num_workers, 1)
         with strategy.scope():
             self.optimizer.build(model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.refresher = clustering.ClusterRefresh(
-            sampler, batch_size=config.eval_batch_size, seed=config.seed, strategy=strategy
-        )
-        self.refresher.set_model(model)
-        model.loss_recorder = sampler
+            self.elapsed = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="elapsed")
+        self.refresher = None
+        if self.clustr:
+            self.refresher = clustering.ClusterRefresh(
+                sampler, batch_size=config.eval_batch_size, seed=config.seed, strategy=strategy
+            )
+            self.refresher.set_model(model)
+            model.loss_recorder = sampler
         self._synced = [
             v for v in model.backbone.non_trainable_variables
             if getattr(v.value, "aggregation", None) == tf.VariableAggregation.NONE
         ]
         checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, epoch=self.epoch,
+            model=model, optimizer=optimizer, epoch=self.epoch, elapsed=self.elapsed,
             sampler=tf.train.Checkpoint(**sampler.state_variables()),
         )
         state_dir = os.path.join(model_dir, STATE_DIR)
@@ -216,7 +257,8 @@ class Trainer:
         )
         self._step_fn = None
         self._compute_fn = None
-        self._predict_fn = models.prediction_function(model, config.eval_neighbours)
+        self.predict_fn = (models.prediction_function(model, config.eval_neighbours) if self.clustr
+                            else _baseline_prediction_function(model))
 
     # ---- state -------------------------------------------------------------------------
 
@@ -252,10 +294,46 @@ class Trainer:
         sums, magnet = self._compute_fn(images, targets)
         # Outside the (possibly XLA-compiled) computation: the sampler's state is a
         # host variable.
-        self.sampler.record_losses(targets["indices"], magnet)
+        if self.clustr:
+            self.sampler.record_losses(targets["indices"], magnet)
         return sums
 
+    def _baseline_step(self, images, targets):
+        """A cross-entropy step on clean ("cross_entropy") or PGD ("pgd_at") inputs."""
+        model, config = self.model, self.config
+        ctx = tf.distribute.get_replica_context()
+        labels = tf.cast(targets["labels"], tf.int64)
+        inputs = images
+        if config.method == "pgd_at":
+            seed = tf.stack([
+                tf.cast(config.seed, tf.int64),
+                tf.cast(self.optimizer.iterations, tf.int64) * self.replicas
+                + tf.cast(ctx.replica_id_in_sync_group, tf.int64),
+            ])
+            inputs = baselines.pgd_perturbation(
+                model, images, labels, config.pgd_eps, config.pgd_step, config.pgd_iterations, seed
+            )
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(inputs, training=True), tf.float32)
+            total = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            loss = tf.nn.compute_average_loss(total)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled = self.optimizer.scale_loss(loss)
+        variables = model.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        if self.replicas > 1:
+            for v in self._synced:
+                v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
+        return {
+            "loss": tf.reduce_sum(total),
+            "accuracy": tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == labels, tf.float32)),
+            "count": tf.cast(tf.shape(labels)[0], tf.float32),
+        }, total
+
     def _compute_step(self, images, targets):
+        if not self.clustr:
+            return self._baseline_step(images, targets)
         model, config = self.model, self.config
         ctx = tf.distribute.get_replica_context()
         adversarial = None
@@ -346,7 +424,8 @@ class Trainer:
         config = self.config
         resumed = self.restore()
         if not resumed:
-            self.refresher.refresh()
+            if self.refresher:
+                self.refresher.refresh()
             self.save()
         epoch = int(self.epoch.numpy())
         step = int(self.optimizer.iterations.numpy()) - epoch * config.steps_per_epoch
@@ -355,7 +434,7 @@ class Trainer:
             self._writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "logs", "train"))
         else:
             self._writer = tf.summary.create_noop_writer()
-        if epoch >= config.epochs:
+        if epoch >= config.epochs or self._budget_spent():
             logging.info("Training already finished at epoch %d", epoch)
             return []
         iterator = iter(self._dataset(int(self.optimizer.iterations.numpy()) * self.local_replicas))
@@ -379,8 +458,8 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 step += 1
                 n = max(sums["count"], 1.0)
-                bar.update(step, [("loss", sums["loss"] / n), ("accuracy", sums["accuracy"] / n),
-                                  ("nearest_center_accuracy", sums["nearest_center_accuracy"] / n)])
+                bar.update(step, [(k, sums[k] / n) for k in ("loss", "accuracy", "nearest_center_accuracy")
+                                  if k in sums])
                 if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
                         and step < config.steps_per_epoch):
                     self.save()
@@ -389,24 +468,35 @@ class Trainer:
                     if k in sums}
             if not np.isfinite(logs.get("loss", 0.0)):
                 raise FloatingPointError(f"The training loss is {logs['loss']} at epoch {epoch + 1}")
-            if (epoch + 1) % config.refresh_every == 0:
+            if self.refresher and (epoch + 1) % config.refresh_every == 0:
                 self.refresher.refresh()
-            logs.update(self.refresher.last)
+            if self.refresher:
+                logs.update(self.refresher.last)
             if self.test_dataset is not None:
                 test = models.evaluate_accuracy(
                     self.model, self.test_dataset, config.eval_neighbours, config.eval_batch_size,
-                    predict_fn=self._predict_fn,
+                    predict_fn=self.predict_fn,
                 )
                 logs["val_accuracy"] = test["clean_accuracy"]
-                logs["val_nearest_center_accuracy"] = test["nearest_center_accuracy"]
+                if self.clustr:
+                    logs["val_nearest_center_accuracy"] = test["nearest_center_accuracy"]
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
             logs["seconds"] = time.time() - start
             epoch += 1
             step = 0
             self.epoch.assign(epoch)
+            self.elapsed.assign_add(logs["seconds"])
             if self.is_chief:
                 self._write_epoch(epoch - 1, logs)
             self.save()
             logging.info("Epoch %d: %s", epoch, " - ".join(f"{k}: {v:.4g}" for k, v in logs.items()))
             history.append(logs)
+            if self._budget_spent():
+                logging.info("Time budget of %.0f s spent after %d epochs (%.0f s)",
+                             config.time_budget_seconds, epoch, float(self.elapsed.numpy()))
+                break
         return history
+
+    def _budget_spent(self):
+        budget = self.config.time_budget_seconds
+        return budget is not None and float(self.elapsed.numpy()) >= budget

@@ -116,3 +116,24 @@ class FeatureRadiusTest(parameterized.TestCase):
 
 if __name__ == "__main__":
     absltest.main()
+
+
+class LinearFeatureRadiusTest(parameterized.TestCase):
+    @parameterized.parameters(0, 1, 2)
+    def test_exact_distance_to_the_decision_boundary(self, seed):
+        """Moving z by 0.999x the radius along the worst direction keeps the class;
+        1.001x flips it to the runner-up; random directions inside never flip it."""
+        rng = np.random.default_rng(seed)
+        z = rng.normal(size=(20, 5))
+        kernel, bias = rng.normal(size=(5, 4)), rng.normal(size=4)
+        radius, classes, runner = (t.numpy() for t in certify.linear_feature_radius(z, kernel, bias))
+        np.testing.assert_array_equal(classes, np.argmax(z @ kernel + bias, 1))
+        for i in range(20):
+            w = kernel[:, classes[i]] - kernel[:, runner[i]]
+            step = -w / np.linalg.norm(w)
+            for factor, same in ((0.999, True), (1.001, False)):
+                moved = z[i] + factor * radius[i] * step
+                self.assertEqual(np.argmax(moved @ kernel + bias) == classes[i], same)
+            for direction in rng.normal(size=(200, 5)):
+                moved = z[i] + 0.999 * radius[i] * direction / np.linalg.norm(direction)
+                self.assertEqual(np.argmax(moved @ kernel + bias), classes[i])

@@ -111,22 +111,25 @@ def load_run(model_dir):
     path = os.path.join(model_dir, "model.keras")
     if not os.path.exists(path):
         raise EvalError(f"No model.keras in --model_dir (has training finished?). Received: {model_dir}")
+    config_path = os.path.join(model_dir, "config.json")
+    run_config = {}
+    if os.path.exists(config_path):
+        with open(config_path) as fh:
+            run_config = json.load(fh)
     try:
         model = keras.saving.load_model(path)
     except Exception as e:  # noqa: BLE001: any load failure becomes one clear message
         raise EvalError(f"Cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     layer = getattr(model, "cluster_centers", None)
     if layer is None:
-        raise EvalError(f"{path} is not a ClusTR model (no cluster centers). Received: {type(model).__name__}")
+        if getattr(model, "head", None) is not None and getattr(model, "backbone", None) is not None:
+            return model, run_config  # a baseline (baselines.SoftmaxClassifier)
+        raise EvalError(f"{path} is not a ClusTR model (no cluster centers) nor a baseline classifier. "
+                        f"Received: {type(model).__name__}")
     centers = layer.centers.numpy()
     if not (float(layer.variance.numpy()) > 0 and np.isfinite(centers).all()
             and np.ptp(centers, axis=0).max() > 0):
         raise EvalError(f"The model in {path} has degenerate cluster centers (NaN, all equal, or a zero variance).")
-    config_path = os.path.join(model_dir, "config.json")
-    run_config = {}
-    if os.path.exists(config_path):
-        with open(config_path) as fh:
-            run_config = json.load(fh)
     return model, run_config
 
 
@@ -160,16 +163,18 @@ def _plots(result, model, images, labels, model_dir):
     plt.close(fig)
 
     features = model.embed(images[:1000], training=False).numpy()
-    centers = model.cluster_centers.centers.numpy()
     mean = features.mean(0)
     _, _, vt = np.linalg.svd(features - mean, full_matrices=False)
     proj = (features - mean) @ vt[:2].T
-    cproj = (centers - mean) @ vt[:2].T
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.scatter(proj[:, 0], proj[:, 1], c=labels[:1000], cmap="tab10", s=4, alpha=0.6)
-    ax.scatter(cproj[:, 0], cproj[:, 1], c=np.arange(len(centers)) // model.cluster_centers.clusters_per_class,
-               cmap="tab10", marker="X", s=120, edgecolors="k")
-    ax.set(title="Test features (PCA) and centers (X)")
+    layer = getattr(model, "cluster_centers", None)
+    if layer is not None:
+        centers = layer.centers.numpy()
+        cproj = (centers - mean) @ vt[:2].T
+        ax.scatter(cproj[:, 0], cproj[:, 1], c=np.arange(len(centers)) // layer.clusters_per_class,
+                   cmap="tab10", marker="X", s=120, edgecolors="k")
+    ax.set(title="Test features (PCA) and centers (X)" if layer is not None else "Test features (PCA)")
     fig.tight_layout()
     fig.savefig(os.path.join(model_dir, "robustness_features.png"), dpi=120)
     plt.close(fig)
@@ -193,8 +198,9 @@ def run(f):
     if f.num_examples < len(labels):
         keep = np.sort(np.random.default_rng(f.seed).permutation(len(labels))[: f.num_examples])
         images, labels = images[keep], labels[keep]
-    layer = model.cluster_centers
-    neighbours = min(run_config.get("eval_L") or 20, layer.num_clusters)
+    layer = getattr(model, "cluster_centers", None)
+    neighbours = min(run_config.get("eval_L") or 20, layer.num_clusters) if layer is not None else None
+    num_classes = layer.num_classes if layer is not None else model.num_classes
     config = dataclasses.replace(config, neighbours=neighbours)
     bar = keras.utils.Progbar(1)
 
@@ -203,11 +209,12 @@ def run(f):
         bar.update(done)
 
     result = evaluation.evaluate_robustness(model, images, labels, config, progress=progress)
-    checks = evaluation.masking_checks(result, model.cluster_centers.num_classes)
+    checks = evaluation.masking_checks(result, num_classes)
     for name, check in checks.items():
         if not check["passed"]:
             logging.warning("Gradient-masking check %s FAILED: %s", name, check["detail"])
-    result = {"split": "test", "dataset": dataset, "neighbours": neighbours, **result,
+    result = {"split": "test", "dataset": dataset, "method": run_config.get("method", "clustr"),
+              "neighbours": neighbours, **result,
               "masking_checks": checks,
               "config": {**dataclasses.asdict(config)}}
     with open(os.path.join(f.model_dir, "robustness.json"), "w") as fh:

@@ -10,6 +10,9 @@ The run directory (`--model_dir`, default runs/<dataset>-<time>) receives:
     logs/                 TensorBoard logs
     training_log.csv      one row per epoch (CSVLogger)
     metrics.json          clean_accuracy, nearest_center_accuracy, agreement, wall time
+
+With `--export_dir=BASE` it also exports the final model as a SavedModel for TF Serving
+into BASE/<next version>/ (see export/export_model.py).
 """
 
 import dataclasses
@@ -31,6 +34,7 @@ DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
 FOLDER_DATASETS = ("image_folder",)
 BACKBONES = ("auto", "convnet", "resnet18")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+METHODS = ("clustr", "cross_entropy", "pgd_at")
 
 
 def define_flags():
@@ -83,6 +87,23 @@ def define_flags():
         "checkpoint_every_steps", 100, "Save the training state this often (and every epoch)."
     )
     flags.DEFINE_bool("augment", True, "Official augmentation (crop + flip) for CIFAR.")
+    flags.DEFINE_string(
+        "method", "clustr", "clustr (magnet loss; add --consistency_lambda=8 for ClusTR+QTRADES), or a "
+        "baseline with a linear head: cross_entropy, or pgd_at (Madry et al. adversarial training)."
+    )
+    flags.DEFINE_integer("batch_size", None, "Baselines' batch size per replica. Default: m * d (240).")
+    flags.DEFINE_float("pgd_eps", 8.0, "pgd_at training attack l_inf radius, in 1/255 units.")
+    flags.DEFINE_float("pgd_step", 2.0, "pgd_at training attack step, in 1/255 units.")
+    flags.DEFINE_integer("pgd_iterations", 10, "pgd_at training attack steps.")
+    flags.DEFINE_float(
+        "time_budget_minutes", None, "Stop after the epoch in which training time (summed over restarts) "
+        "reaches this, even before --epochs: to train several methods under one budget."
+    )
+    flags.DEFINE_string(
+        "export_dir", None,
+        "Export the final model for TF Serving into <export_dir>/<next version>/ "
+        "(export/export_model.py).",
+    )
 
 
 class ConfigError(ValueError):
@@ -124,6 +145,13 @@ class Config:
     jit_compile: bool
     checkpoint_every_steps: int
     augment: bool
+    export_dir: str | None = None
+    method: str = "clustr"
+    batch_size: int | None = None
+    pgd_eps: float = 8.0 / 255.0
+    pgd_step: float = 2.0 / 255.0
+    pgd_iterations: int = 10
+    time_budget_minutes: float | None = None
 
 
 def _folder_classes(name, data_dir):
@@ -169,6 +197,17 @@ def _check_model_dir(path):
         ) from None
 
 
+def _check_export_dir(path):
+    if not path:
+        raise ConfigError("--export_dir must name a folder. Received: ''")
+    from export import export_model
+
+    try:
+        export_model.check_export_dir(path)
+    except export_model.ExportError as e:
+        raise ConfigError(str(e)) from None
+
+
 def config_from_flags(f):
     """Validates the flags and returns a frozen `Config`; raises `ConfigError`."""
     if f.dataset not in DATASET_CLASSES and f.dataset not in FOLDER_DATASETS:
@@ -193,6 +232,23 @@ def config_from_flags(f):
     for name in ("xent_lambda", "consistency_lambda", "consistency_eps", "consistency_step"):
         if not getattr(f, name) >= 0:
             raise ConfigError(f"--{name} must be >= 0. Received: {getattr(f, name)}")
+    if f.method not in METHODS:
+        raise ConfigError(f"Unknown --method. Expected one of {', '.join(METHODS)}. Received: {f.method!r}")
+    if f.method != "clustr":
+        for name in ("xent_lambda", "consistency_lambda"):
+            if getattr(f, name):
+                raise ConfigError(f"--{name} applies to --method=clustr only. Received: --method={f.method} "
+                                  f"--{name}={getattr(f, name)}")
+        if f.export_dir is not None:
+            raise ConfigError(f"--export_dir exports ClusTR models only (the signatures need centers). "
+                              f"Received: --method={f.method}")
+    if f.time_budget_minutes is not None and not f.time_budget_minutes > 0:
+        raise ConfigError(f"--time_budget_minutes must be > 0. Received: {f.time_budget_minutes}")
+    if f.batch_size is not None and f.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1. Received: {f.batch_size}")
+    if not 0 < f.pgd_step <= f.pgd_eps <= 255 or f.pgd_iterations < 1:
+        raise ConfigError("--pgd_eps, --pgd_step must satisfy 0 < step <= eps <= 255 (1/255 units) and "
+                          f"--pgd_iterations >= 1. Received: {f.pgd_eps}, {f.pgd_step}, {f.pgd_iterations}")
     if f.checkpoint_every_steps < 0:
         raise ConfigError(f"--checkpoint_every_steps must be >= 0. Received: {f.checkpoint_every_steps}")
     if not 0 < f.lr_decay <= 1:
@@ -231,6 +287,8 @@ def config_from_flags(f):
         "runs", f"{f.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     )
     _check_model_dir(model_dir)
+    if f.export_dir is not None:
+        _check_export_dir(f.export_dir)
     return Config(
         dataset=f.dataset,
         data_dir=f.data_dir,
@@ -263,11 +321,19 @@ def config_from_flags(f):
         jit_compile=f.jit_compile,
         checkpoint_every_steps=f.checkpoint_every_steps,
         augment=f.augment,
+        export_dir=f.export_dir,
+        method=f.method,
+        batch_size=f.batch_size or f.m * f.d,
+        pgd_eps=f.pgd_eps / 255.0,
+        pgd_step=f.pgd_step / 255.0,
+        pgd_iterations=f.pgd_iterations,
+        time_budget_minutes=f.time_budget_minutes,
     )
 
 
 def build_model(config, info):
-    """The ClusTR model for a config and a `clustr_tf.data.DatasetInfo`."""
+    """The model for a config and a `clustr_tf.data.DatasetInfo`: a ClusTR model, or a
+    softmax classifier for the baselines."""
     from clustr_tf import backbones
     from clustr_tf import models
 
@@ -278,6 +344,10 @@ def build_model(config, info):
     backbone = backbones.get_backbone(
         name, info.image_shape, mean=info.mean, std=info.std, **kwargs
     )
+    if config.method != "clustr":
+        from clustr_tf import baselines
+
+        return baselines.SoftmaxClassifier(backbone, num_classes=info.num_classes)
     return models.ClusTRModel(
         backbone, num_classes=info.num_classes, clusters_per_class=config.k, neighbours=config.L
     )
@@ -326,10 +396,15 @@ def train_and_evaluate(config):
         dtype="float32" if config.dataset == "digits" else "uint8",
     )
     logging.info("%s: %d training images of shape %s", config.dataset, len(images), images.shape[1:])
-    sampler = sampler_lib.NeighbourhoodSampler(
-        images, labels, num_classes=info.num_classes, clusters_per_class=config.k,
-        m=config.m, d=config.d, seed=config.seed,
-    )
+    if config.method == "clustr":
+        sampler = sampler_lib.NeighbourhoodSampler(
+            images, labels, num_classes=info.num_classes, clusters_per_class=config.k,
+            m=config.m, d=config.d, seed=config.seed,
+        )
+    else:
+        from clustr_tf import baselines
+
+        sampler = baselines.BatchSource(images, labels, min(config.batch_size, len(labels)), seed=config.seed)
     del images
     replicas = strategy.num_replicas_in_sync
     steps = config.steps_per_epoch or max(1, math.ceil(len(labels) / (sampler.batch_size * replicas)))
@@ -363,6 +438,11 @@ def train_and_evaluate(config):
             checkpoint_every_steps=config.checkpoint_every_steps,
             jit_compile=config.jit_compile,
             seed=config.seed,
+            method=config.method,
+            pgd_eps=config.pgd_eps,
+            pgd_step=config.pgd_step,
+            pgd_iterations=config.pgd_iterations,
+            time_budget_seconds=config.time_budget_minutes * 60 if config.time_budget_minutes else None,
         ),
         test_dataset=test,
         augment=data.augmentation(config.dataset) if config.augment else None,
@@ -375,14 +455,20 @@ def train_and_evaluate(config):
         raise
     train_seconds = time.time() - start
     metrics = models.evaluate_accuracy(
-        model, test, neighbours=config.eval_L, batch_size=config.eval_batch_size
+        model, test, neighbours=config.eval_L, batch_size=config.eval_batch_size,
+        predict_fn=trainer.predict_fn,
     )
+    if config.method != "clustr":  # no centers: one decision rule
+        metrics.update({"nearest_center_accuracy": None, "agreement": None})
     metrics.update(
         {
             "split": "test",
             "dataset": config.dataset,
+            "method": config.method,
             "eval_L": config.eval_L,
             "epochs": config.epochs,
+            "epochs_trained": int(trainer.epoch.numpy()),
+            "train_time_seconds": round(float(trainer.elapsed.numpy()), 2),
             "steps_per_epoch": steps,
             "replicas": replicas,
             "train_seconds": round(train_seconds, 2),
@@ -393,6 +479,14 @@ def train_and_evaluate(config):
         model.save(os.path.join(config.model_dir, "model.keras"))
         with open(os.path.join(config.model_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
+        if config.export_dir:
+            from export import export_model
+
+            try:
+                path = export_model.export(model, config.export_dir, neighbours=config.eval_L)
+            except export_model.ExportError as e:
+                raise ConfigError(f"--export_dir: {e}") from None
+            logging.info("Exported the SavedModel for TF Serving to %s", path)
     return metrics
 
 
