@@ -131,7 +131,39 @@ def serving_latency(r):
         "",
         f"`certify` / `serving_default` latency at batch 1: **{lat['certify_over_serving_default']:.2f}x** "
         f"(target <= {t['certify_over_serving_default_max']}: {'met' if t['met'] else '**not met**'}).",
+        *(["", r["note"]] if r.get("note") else []),
     ]
+
+
+def reproduce(r):
+    """The four-method comparison table from reproduce.json."""
+    names = {"cross_entropy": "cross-entropy", "clustr": "ClusTR", "clustr_qtrades": "ClusTR+QTRADES",
+             "pgd_at": "PGD-AT (Madry)"}
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    st = r["settings"]
+    lines = [
+        f"ResNet-18 x{st['width_multiplier']}, {st['cpu_budget_minutes_per_method']:g} CPU minutes of training "
+        f"per method on {r['machine']['cpus']} cores, {st['optimizer']}, batch {st['batch_size']}; "
+        f"{st['num_examples']} test images; {r['data']} ({r['date']}).",
+        "",
+        "| method | epochs | clean | PGD worst case 2/255 | 8/255 | 16/255 | official loss 8/255 | certified (l2 0.1) | masking checks |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, name in names.items():
+        m = r["methods"].get(key)
+        if m is None:
+            lines.append(f"| {name} | not run yet | | | | | | | |")
+            continue
+        epochs = " + ".join(str(s["epochs_trained"]) for s in m["train"])
+        failed = [k for k, v in m["masking_checks"].items() if not v]
+        checks = "all passed" if not failed else "failed: " + ", ".join(failed)
+        ra = m["robust_accuracy"]
+        lines.append(
+            f"| {name} | {epochs} | {pct(m['clean_accuracy'])} | {pct(ra.get('2/255'))} | "
+            f"**{pct(m['robust_accuracy_8_255'])}** | {pct(ra.get('16/255'))} | {pct(m['official_loss_8_255'])} | "
+            f"{pct(m['certified_accuracy'].get('0.1'))} | {checks} |"
+        )
+    return lines
 
 
 BLOCKS = {
@@ -142,6 +174,7 @@ BLOCKS = {
     "serving-latency-results": ("serving_latency.json", serving_latency),
     "robustness-digits-results": ("robustness_digits.json", robustness),
     "robustness-cifar10-results": ("robustness_cifar10.json", robustness),
+    "reproduce-results": ("reproduce.json", reproduce),
 }
 
 

@@ -93,7 +93,7 @@ class BatchSourceTest(absltest.TestCase):
 
 
 class TrainerTest(absltest.TestCase):
-    def _train(self, method, model_dir, epochs=3, budget=None):
+    def _train(self, method, model_dir, epochs=3, budget=None, cpu_budget=None):
         images, labels = data.load_arrays("digits", "train")
         strategy = distribute.get_strategy("default")
         with strategy.scope():
@@ -103,7 +103,8 @@ class TrainerTest(absltest.TestCase):
         trainer = training.Trainer(
             model, optimizer, source, strategy, model_dir,
             training.TrainConfig(epochs=epochs, steps_per_epoch=source.steps_per_epoch, method=method,
-                                 pgd_iterations=3, time_budget_seconds=budget),
+                                 pgd_iterations=3, time_budget_seconds=budget,
+                                 cpu_budget_seconds=cpu_budget),
             test_dataset=data.load("digits", "test"), verbose=0,
         )
         return trainer.train(), model
@@ -125,8 +126,11 @@ class TrainerTest(absltest.TestCase):
         model_dir = _tempdir(self)
         history, _ = self._train("cross_entropy", model_dir, epochs=50, budget=1e-3)
         self.assertLen(history, 1)  # the first epoch spends the budget
+        self.assertGreater(history[0]["cpu_seconds"], 0.0)
         history, _ = self._train("cross_entropy", model_dir, epochs=50, budget=1e-3)
         self.assertEqual(history, [])  # the spent time was restored with the checkpoint
+        history, _ = self._train("cross_entropy", _tempdir(self), epochs=50, cpu_budget=1e-3)
+        self.assertLen(history, 1)  # likewise in CPU time
 
     def test_method_and_model_must_match(self):
         strategy = distribute.get_strategy("default")
