@@ -118,19 +118,22 @@ def serving_latency(r):
     lat, thr, dev, t = r["latency_batch_1"], r["throughput"], r["device"], r["target"]
     rows = [
         f"| `{name}` | {lat[name + '_ms']['median']:.1f} ms / {lat[name + '_ms']['p90']:.1f} ms | "
-        f"{thr[name + '_images_per_s']:.0f} images/s |"
+        f"{lat[name + '_cpu_ms']['median']:.1f} ms | {thr[name + '_images_per_s']:.0f} images/s | "
+        f"{thr[name + '_images_per_cpu_s']:.0f} |"
         for name in ("serving_default", "certify", "embed")
     ]
     return [
         f"{r['model']}; {r['loaded_with']}; {dev['cpu']} with {dev['cpus']} cores, TF {dev['tensorflow']} "
         f"({r.get('date', '')}):",
         "",
-        f"| signature | latency at batch 1 (median / p90) | throughput at batch {thr['batch']} |",
-        "|---|---|---|",
+        f"| signature | latency at batch 1, wall (median / p90) | CPU time per call (median) | "
+        f"throughput at batch {thr['batch']}, wall | images per CPU-second |",
+        "|---|---|---|---|---|",
         *rows,
         "",
         f"`certify` / `serving_default` latency at batch 1: **{lat['certify_over_serving_default']:.2f}x** "
-        f"(target <= {t['certify_over_serving_default_max']}: {'met' if t['met'] else '**not met**'}).",
+        f"(CPU time: {lat['certify_over_serving_default_cpu']:.2f}x; target <= "
+        f"{t['certify_over_serving_default_max']}: {'met' if t['met'] else '**not met**'}).",
         *(["", r["note"]] if r.get("note") else []),
     ]
 

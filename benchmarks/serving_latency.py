@@ -1,0 +1,202 @@
+"""Latency and throughput of the exported SavedModel's signatures, on this machine.
+
+    python benchmarks/serving_latency.py [--width_multiplier=1.0] [--latency_calls=200]
+
+Exports a ClusTR ResNet-18 (CIFAR shape 32x32x3, 10 classes, K=2, L=20) with
+`export/export_model.py`, loads the SavedModel with `tf.saved_model.load` (what TF Serving
+runs, minus its server), and measures:
+
+- latency at batch 1 of `serving_default`, `certify` and `embed`: the calls are
+  interleaved (the order alternates every round) so drifts of the machine hit all alike;
+  target: certify's median at most 1.25x serving_default's;
+- throughput at batch 256 of each signature (images/s, median over interleaved batches).
+
+Each call is also timed in CPU seconds of this process (all its threads), which other
+processes on a shared machine barely change: `*_cpu_ms` and `*_images_per_cpu_s`.
+
+The model is untrained: its weights do not change the work done, only the numbers it
+returns. Saves benchmarks/results/serving_latency.json and prints it as one JSON object
+last.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TARGET_RATIO = 1.25
+SIGNATURES = ("serving_default", "certify", "embed")
+
+
+def _cpu_name():
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def _system_cpu():
+    """(total, idle) jiffies of all CPUs from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _OthersShare:
+    """The share of all CPU time that other processes used while the block ran."""
+
+    def __enter__(self):
+        self.system, self.cpu = _system_cpu(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        after, own = _system_cpu(), time.process_time() - self.cpu
+        self.value = None
+        if self.system is not None and after is not None and after[0] > self.system[0]:
+            ticks = os.sysconf("SC_CLK_TCK")
+            total = (after[0] - self.system[0]) / ticks
+            busy = total - (after[1] - self.system[1]) / ticks
+            self.value = round(max(0.0, (busy - own) / total), 3)
+
+
+def _stats_ms(seconds):
+    import numpy as np
+
+    values = np.asarray(seconds) * 1e3
+    return {"median": round(float(np.median(values)), 3), "p90": round(float(np.percentile(values, 90)), 3),
+            "mean": round(float(values.mean()), 3)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--width_multiplier", type=float, default=1.0)
+    parser.add_argument("--latency_calls", type=int, default=200, help="Batch-1 calls per signature.")
+    parser.add_argument("--throughput_batch", type=int, default=256)
+    parser.add_argument("--throughput_batches", type=int, default=5, help="Timed batches per signature.")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "serving_latency.json"))
+    args = parser.parse_args()
+    if args.latency_calls < 1 or args.throughput_batch < 1 or args.throughput_batches < 1:
+        parser.error("--latency_calls, --throughput_batch and --throughput_batches must be >= 1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from clustr_tf import backbones
+    from clustr_tf import models
+    from export import export_model
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    shape = (32, 32, 3)
+    model = models.ClusTRModel(backbones.resnet18(shape, args.width_multiplier), 10, 2, 10)
+    # Centers among the features of random images, so decisions and radii vary.
+    features = model.embed(rng.random((20, *shape)).astype("float32")).numpy()
+    model.cluster_centers.centers.assign(features + 0.1 * features.std() * rng.standard_normal(features.shape))
+    model.cluster_centers.variance.assign(float(features.var()))
+
+    tmp = tempfile.mkdtemp()
+    try:
+        start = time.perf_counter()
+        path = export_model.export(model, os.path.join(tmp, "clustr"))
+        export_seconds = time.perf_counter() - start
+        del model
+        keras.backend.clear_session()
+        loaded = tf.saved_model.load(path)
+        with open(os.path.join(path, "assets.extra", export_model.METADATA_FILE)) as fh:
+            metadata = json.load(fh)
+        fns = {name: loaded.signatures[name] for name in SIGNATURES}
+
+        def call(name, images):
+            outputs = fns[name](images=images)
+            return [v.numpy() for v in outputs.values()]
+
+        pool = [tf.constant(rng.random((1, *shape)), tf.float32) for _ in range(16)]
+        for name in SIGNATURES:  # tracing, thread pools, oneDNN primitives
+            for x in pool[:5]:
+                call(name, x)
+        times = {name: [] for name in SIGNATURES}
+        cpu_times = {name: [] for name in SIGNATURES}
+        with _OthersShare() as latency_load:
+            for i in range(args.latency_calls):
+                order = SIGNATURES if i % 2 == 0 else SIGNATURES[::-1]
+                for name in order:
+                    x = pool[i % len(pool)]
+                    c, t = time.process_time(), time.perf_counter()
+                    call(name, x)
+                    times[name].append(time.perf_counter() - t)
+                    cpu_times[name].append(time.process_time() - c)
+        latency = {f"{name}_ms": _stats_ms(times[name]) for name in SIGNATURES}
+        latency.update({f"{name}_cpu_ms": _stats_ms(cpu_times[name]) for name in SIGNATURES})
+        ratio = latency["certify_ms"]["median"] / latency["serving_default_ms"]["median"]
+        cpu_ratio = latency["certify_cpu_ms"]["median"] / latency["serving_default_cpu_ms"]["median"]
+
+        batch = tf.constant(rng.random((args.throughput_batch, *shape)), tf.float32)
+        throughput = {"batch": args.throughput_batch, "batches": args.throughput_batches}
+        for name in SIGNATURES:
+            call(name, batch)
+        seconds = {name: [] for name in SIGNATURES}
+        cpu_seconds = {name: [] for name in SIGNATURES}
+        with _OthersShare() as throughput_load:
+            for i in range(args.throughput_batches):  # interleaved too
+                for name in SIGNATURES if i % 2 == 0 else SIGNATURES[::-1]:
+                    c, t = time.process_time(), time.perf_counter()
+                    call(name, batch)
+                    seconds[name].append(time.perf_counter() - t)
+                    cpu_seconds[name].append(time.process_time() - c)
+        for name in SIGNATURES:
+            throughput[f"{name}_images_per_s"] = round(args.throughput_batch / float(np.median(seconds[name])), 2)
+            throughput[f"{name}_images_per_cpu_s"] = round(
+                args.throughput_batch / float(np.median(cpu_seconds[name])), 2)
+            throughput[f"{name}_batch_seconds"] = [round(s, 3) for s in seconds[name]]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    result = {
+        "model": f"ClusTR ResNet-18 x{args.width_multiplier:g}, CIFAR shape 32x32x3, 10 classes, K=2, "
+                 f"L={metadata['neighbours']}, untrained (weights do not change the work)",
+        "loaded_with": "tf.saved_model.load (the SavedModel TF Serving would serve; no server in the loop)",
+        "lipschitz_bound": metadata["lipschitz_bound"],
+        "export_seconds": round(export_seconds, 2),
+        "latency_batch_1": {**latency, "certify_over_serving_default": round(ratio, 3),
+                            "certify_over_serving_default_cpu": round(cpu_ratio, 3),
+                            "calls_per_signature": args.latency_calls},
+        "target": {"certify_over_serving_default_max": TARGET_RATIO, "met": bool(ratio <= TARGET_RATIO)},
+        "throughput": throughput,
+        "device": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
+                   "python": platform.python_version(),
+                   "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")},
+        "others_cpu_share": {"latency": latency_load.value, "throughput": throughput_load.value},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    shares = [v for v in result["others_cpu_share"].values() if v is not None]
+    if shares and max(shares) > 0.1:
+        result["note"] = (
+            f"Other processes used up to {100 * max(shares):.0f}% of the CPU while this ran: wall-clock "
+            "latencies and throughputs are pessimistic (the CPU-time figures much less so); the "
+            "certify/serving_default ratios come from interleaved calls and are not biased by it."
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
