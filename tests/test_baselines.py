@@ -173,7 +173,9 @@ class BinaryTest(absltest.TestCase):
     def test_bad_method_flags(self):
         for args, message in ((["--method=trades"], "Unknown --method"),
                               (["--method=pgd_at", "--consistency_lambda=8"], "--consistency_lambda applies"),
-                              (["--method=pgd_at", "--pgd_step=16"], "--pgd_eps, --pgd_step")):
+                              (["--method=pgd_at", "--pgd_step=16"], "--pgd_eps, --pgd_step"),
+                              (["--optimizer=rmsprop"], "Unknown --optimizer"),
+                              (["--optimizer=sgd", "--momentum=1.5"], "--momentum must be in [0, 1)")):
             out = self._run("main.py", *args, f"--model_dir={_tempdir(self)}/run")
             self.assertEqual(out.returncode, 2, out.stderr[-2000:])
             self.assertIn(message, out.stderr.strip().splitlines()[-1])

@@ -53,7 +53,11 @@ def define_flags():
     flags.DEFINE_float("alpha", 12.5, "Magnet loss margin.")
     flags.DEFINE_integer("L", 10, "Nearest clusters of the soft-kNC rule in training.")
     flags.DEFINE_integer("eval_L", None, "Nearest clusters at evaluation. Default: min(20, C*K).")
-    flags.DEFINE_float("lr", 1e-4, "Adam learning rate.")
+    flags.DEFINE_float("lr", 1e-4, "Learning rate.")
+    flags.DEFINE_string("optimizer", "adam", "adam (the official ClusTR optimizer) or sgd (with --momentum, "
+                        "Nesterov off; the usual recipe for the cross-entropy and PGD-AT baselines).")
+    flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+    flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (Keras `weight_decay`), e.g. 5e-4 with sgd.")
     flags.DEFINE_integer("epochs", None, "Epochs. Default: 40 for digits, 90 otherwise.")
     flags.DEFINE_integer(
         "steps_per_epoch", None, "Batches per epoch. Default: training examples / (m*d)."
@@ -157,6 +161,9 @@ class Config:
     pgd_iterations: int = 10
     time_budget_minutes: float | None = None
     cpu_budget_minutes: float | None = None
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
 
 
 def _folder_classes(name, data_dir):
@@ -205,7 +212,7 @@ def _check_model_dir(path):
 def _check_export_dir(path):
     if not path:
         raise ConfigError("--export_dir must name a folder. Received: ''")
-    from export import export_model
+    export_model = _export_model_module()
 
     try:
         export_model.check_export_dir(path)
@@ -247,6 +254,11 @@ def config_from_flags(f):
         if f.export_dir is not None:
             raise ConfigError(f"--export_dir exports ClusTR models only (the signatures need centers). "
                               f"Received: --method={f.method}")
+    if f.optimizer not in ("adam", "sgd"):
+        raise ConfigError(f"Unknown --optimizer. Expected adam or sgd. Received: {f.optimizer!r}")
+    if not 0 <= f.momentum < 1 or not f.weight_decay >= 0:
+        raise ConfigError(f"--momentum must be in [0, 1) and --weight_decay >= 0. Received: {f.momentum}, "
+                          f"{f.weight_decay}")
     for name in ("time_budget_minutes", "cpu_budget_minutes"):
         if getattr(f, name) is not None and not getattr(f, name) > 0:
             raise ConfigError(f"--{name} must be > 0. Received: {getattr(f, name)}")
@@ -335,6 +347,9 @@ def config_from_flags(f):
         pgd_iterations=f.pgd_iterations,
         time_budget_minutes=f.time_budget_minutes,
         cpu_budget_minutes=f.cpu_budget_minutes,
+        optimizer=f.optimizer,
+        momentum=f.momentum,
+        weight_decay=f.weight_decay,
     )
 
 
@@ -425,7 +440,11 @@ def train_and_evaluate(config):
                 [m * steps for m in config.lr_milestones],
                 [config.lr * config.lr_decay**i for i in range(len(config.lr_milestones) + 1)],
             )
-        optimizer = keras.optimizers.Adam(learning_rate)
+        decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
+        if config.optimizer == "sgd":
+            optimizer = keras.optimizers.SGD(learning_rate, momentum=config.momentum, **decay)
+        else:
+            optimizer = keras.optimizers.Adam(learning_rate, **decay)
         if config.mixed_precision:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     test = data.load(config.dataset, "test", data_dir=config.data_dir, download=config.download)
@@ -489,7 +508,7 @@ def train_and_evaluate(config):
         with open(os.path.join(config.model_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
         if config.export_dir:
-            from export import export_model
+            export_model = _export_model_module()
 
             try:
                 path = export_model.export(model, config.export_dir, neighbours=config.eval_L)
@@ -520,6 +539,29 @@ def main(argv):
         sys.exit(1)
     logging.info("Run directory: %s", config.model_dir)
     logging.info("Test metrics: %s", json.dumps(metrics))
+
+
+def _export_model_module():
+    """export/export_model.py: the package `export` in the repository (the `__main__` block
+    puts the root on sys.path), `clustr_tf_cli.export` once installed with pip (pyproject.toml)."""
+    parent = (__package__ or "").rpartition(".")[0]
+    if parent:
+        import importlib
+
+        return importlib.import_module(f"{parent}.export.export_model")
+    from export import export_model
+
+    return export_model
+
+
+def console_main():
+    """The `clustr-train` command of the pip package (pyproject.toml)."""
+    if not __package__:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    define_flags()
+    for flag in flags.FLAGS.get_key_flags_for_module(__name__):  # listed by --help
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(main)
 
 
 if __name__ == "__main__":
