@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   virtualenv + requirements, then python training/main.py (digits)
 #   make test    virtualenv + requirements, then the test suite
+# and, with Debian's Bazel 4.2.3 installed (README: "Building and testing with Bazel"):
+#   make bazel-test   virtualenv + requirements, then bazel test //... offline on that virtualenv
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,10 @@ STAMP := $(VENV)/.requirements-installed
 # Flags for training/main.py, e.g. make train ARGS="--dataset=cifar10 --data_dir=..."
 ARGS ?=
 
-.PHONY: train test venv clean
+BAZEL ?= bazel
+BAZEL_INSTALL := apt-get install -y --no-install-recommends bazel-bootstrap bazel-rules-java
+
+.PHONY: train test venv clean bazel-check bazel-test bazel-clean wheel
 
 venv: $(STAMP)
 
@@ -26,3 +31,26 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Bazel 4.2.3 (Debian's bazel-bootstrap) and Debian's rules_java, which WORKSPACE points at.
+bazel-check:
+	@command -v $(BAZEL) >/dev/null 2>&1 || { \
+	  echo "make bazel-test: no '$(BAZEL)' on PATH. Install Debian's Bazel 4.2.3 (about 150 MB), as root:"; \
+	  echo "    $(BAZEL_INSTALL)"; exit 1; } >&2
+	@test -f /usr/share/bazel/rules/java/WORKSPACE || { \
+	  echo "make bazel-test: /usr/share/bazel/rules/java is missing (WORKSPACE needs Debian's rules_java). As root:"; \
+	  echo "    $(BAZEL_INSTALL)"; exit 1; } >&2
+	@$(BAZEL) --version 2>/dev/null | grep -Eq '^bazel (no_version|4\.)' || \
+	  echo "make bazel-test: warning: '$(BAZEL)' is not Bazel 4.x; this WORKSPACE is made for Debian's 4.2.3 (see README)." >&2
+
+# The Python toolchain is this virtualenv's interpreter (bazel/python.bzl).
+bazel-test: $(STAMP) bazel-check
+	$(BAZEL) test --repo_env=CLUSTR_PYTHON=$(abspath $(PY)) //...
+
+bazel-clean:
+	-command -v $(BAZEL) >/dev/null 2>&1 && $(BAZEL) clean --expunge
+	rm -rf .bazel
+
+# A wheel of the pip package (pyproject.toml) in dist/, built offline with the virtualenv's setuptools.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --no-build-isolation --wheel-dir dist .

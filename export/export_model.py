@@ -487,6 +487,16 @@ def main(argv):
     print(path)
 
 
+def console_main():
+    """The `clustr-export` command of the pip package (pyproject.toml)."""
+    if not __package__:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    define_flags()
+    for flag in flags.FLAGS.get_key_flags_for_module(__name__):  # listed by --help
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(main)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     define_flags()
