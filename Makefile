@@ -13,7 +13,7 @@ ARGS ?=
 BAZEL ?= bazel
 BAZEL_INSTALL := apt-get install -y --no-install-recommends bazel-bootstrap bazel-rules-java
 
-.PHONY: train test venv clean bazel-check bazel-test bazel-clean wheel
+.PHONY: train test venv clean bazel-check bazel-test bazel-smoke bazel-clean wheel
 
 venv: $(STAMP)
 
@@ -44,8 +44,15 @@ bazel-check:
 	  echo "make bazel-test: warning: '$(BAZEL)' is not Bazel 4.x; this WORKSPACE is made for Debian's 4.2.3 (see README)." >&2
 
 # The Python toolchain is this virtualenv's interpreter (bazel/python.bzl).
+BAZEL_PYTHON := --repo_env=CLUSTR_PYTHON=$(abspath $(PY))
 bazel-test: $(STAMP) bazel-check
-	$(BAZEL) test --repo_env=CLUSTR_PYTHON=$(abspath $(PY)) //...
+	$(BAZEL) test $(BAZEL_PYTHON) //...
+
+# What CI runs under Bazel (.ci/run; the whole suite already ran under make test): every
+# target built, and the quick tests that exercise the toolchain, the pytest runner and packaging.
+bazel-smoke: $(STAMP) bazel-check
+	$(BAZEL) build $(BAZEL_PYTHON) //...
+	$(BAZEL) test $(BAZEL_PYTHON) //tests:test_packaging //tests:test_update_readme
 
 bazel-clean:
 	-command -v $(BAZEL) >/dev/null 2>&1 && $(BAZEL) clean --expunge
