@@ -162,7 +162,9 @@ def collect(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz"))
+    parser.add_argument("--data_dir", default=os.path.join("..", "shared", "data", "cifar10-jpeg.tar.gz"),
+                        help="CIFAR-10 (a TFDS data_dir, or a folder / .tar.gz); relative paths are from the "
+                        "repository root, where the commands run")
     parser.add_argument("--budget_minutes", type=float, default=60.0,
                         help="training CPU time per method (CPU minutes: 2 cores give about 2 per minute)")
     parser.add_argument("--width_multiplier", type=float, default=0.25)
