@@ -151,11 +151,12 @@ def collect(args):
                      "seed": args.seed},
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "command": "python benchmarks/reproduce.py " + " ".join(
-            f"--{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("only", "methods")),
+            f"--{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("only", "methods", "out")),
         "methods": methods,
     }
-    os.makedirs(os.path.dirname(RESULT), exist_ok=True)
-    with open(RESULT, "w") as fh:
+    out = args.out or RESULT
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
         json.dump(result, fh, indent=2)
     return result
 
@@ -174,6 +175,7 @@ def main():
     parser.add_argument("--runs_dir", default=os.path.join("runs", "reproduce"))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--only", choices=["train", "evaluate", "collect"])
+    parser.add_argument("--out", default=None, help="the result file (default benchmarks/results/reproduce.json)")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]

@@ -44,3 +44,25 @@ class UpdateReadmeTest(absltest.TestCase):
 
 if __name__ == "__main__":
     absltest.main()
+
+
+class ReproduceCollectTest(absltest.TestCase):
+    def test_collect_writes_and_prints_the_result(self):
+        import subprocess
+        import sys
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "reproduce.json")
+            run = subprocess.run(
+                [sys.executable, os.path.join(ROOT, "benchmarks", "reproduce.py"), "--only=collect",
+                 f"--runs_dir={tmp}/runs", f"--out={out}"],
+                capture_output=True, text=True, timeout=120)
+            self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+            with open(out) as fh:
+                written = json.load(fh)
+        self.assertEqual(json.loads(run.stdout.strip().splitlines()[-1]), written)
+        self.assertEqual(written["methods"], {})  # nothing trained in an empty runs_dir
+        self.assertEqual(written["settings"]["cpu_budget_minutes_per_method"], 60.0)
+        lines = update_readme.reproduce(written)
+        self.assertTrue(any("| ClusTR | not run yet |" in line for line in lines))
