@@ -304,6 +304,20 @@ class Trainer:
             self.sampler.record_losses(targets["indices"], magnet)
         return sums
 
+    def _attack_seed(self, ctx):
+        """A stateless seed for this step's training attack, distinct per replica."""
+        return tf.stack([
+            tf.cast(self.config.seed, tf.int64),
+            tf.cast(self.optimizer.iterations, tf.int64) * self.replicas
+            + tf.cast(ctx.replica_id_in_sync_group, tf.int64),
+        ])
+
+    def _sync_replicas(self, ctx):
+        """Averages the variables replicas assign themselves (BN moving statistics)."""
+        if self.replicas > 1:
+            for v in self._synced:
+                v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
+
     def _baseline_step(self, images, targets):
         """A cross-entropy step on clean ("cross_entropy") or PGD ("pgd_at") inputs."""
         model, config = self.model, self.config
@@ -311,11 +325,7 @@ class Trainer:
         labels = tf.cast(targets["labels"], tf.int64)
         inputs = images
         if config.method == "pgd_at":
-            seed = tf.stack([
-                tf.cast(config.seed, tf.int64),
-                tf.cast(self.optimizer.iterations, tf.int64) * self.replicas
-                + tf.cast(ctx.replica_id_in_sync_group, tf.int64),
-            ])
+            seed = self._attack_seed(ctx)
             inputs = baselines.pgd_perturbation(
                 model, images, labels, config.pgd_eps, config.pgd_step, config.pgd_iterations, seed
             )
@@ -328,9 +338,7 @@ class Trainer:
             scaled = self.optimizer.scale_loss(loss)
         variables = model.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
-        if self.replicas > 1:
-            for v in self._synced:
-                v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
+        self._sync_replicas(ctx)
         return {
             "loss": tf.reduce_sum(total),
             "accuracy": tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == labels, tf.float32)),
@@ -344,11 +352,7 @@ class Trainer:
         ctx = tf.distribute.get_replica_context()
         adversarial = None
         if config.consistency_lambda:
-            seed = tf.stack([
-                tf.cast(config.seed, tf.int64),
-                tf.cast(self.optimizer.iterations, tf.int64) * self.replicas
-                + tf.cast(ctx.replica_id_in_sync_group, tf.int64),
-            ])
+            seed = self._attack_seed(ctx)
             adversarial = qtrades_perturbation(
                 model, images, config.consistency_eps, config.consistency_step, seed
             )
@@ -363,9 +367,7 @@ class Trainer:
         variables = model.trainable_variables
         grads = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
-        if self.replicas > 1:
-            for v in self._synced:
-                v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
+        self._sync_replicas(ctx)
         labels = tf.cast(targets["labels"], tf.int64)
         hard = model.cluster_centers.nearest_center_class(features)
         return {
