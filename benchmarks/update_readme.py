@@ -149,22 +149,25 @@ def reproduce(r):
         f"per method on {r['machine']['cpus']} cores, {st['optimizer']}, batch {st['batch_size']}; "
         f"{st['num_examples']} test images; {r['data']} ({r['date']}).",
         "",
-        "| method | epochs | clean | PGD worst case 2/255 | 8/255 | 16/255 | official loss 8/255 | certified (l2 0.1) | masking checks |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | training CPU-min | epochs | clean | worst case 2/255 | 8/255 | 16/255 | official loss 8/255 "
+        "| Square 8/255 | certified (l2 0.1) | masking checks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, name in names.items():
         m = r["methods"].get(key)
         if m is None:
-            lines.append(f"| {name} | not run yet | | | | | | | |")
+            lines.append(f"| {name} | not run yet | | | | | | | | | |")
             continue
         epochs = " + ".join(str(s["epochs_trained"]) for s in m["train"])
+        cpu = [s.get("train_cpu_seconds") for s in m["train"]]
+        cpu = "n/a" if None in cpu else " + ".join(f"{c / 60:.0f}" for c in cpu)
         failed = [k for k, v in m["masking_checks"].items() if not v]
         checks = "all passed" if not failed else "failed: " + ", ".join(failed)
         ra = m["robust_accuracy"]
         lines.append(
-            f"| {name} | {epochs} | {pct(m['clean_accuracy'])} | {pct(ra.get('2/255'))} | "
+            f"| {name} | {cpu} | {epochs} | {pct(m['clean_accuracy'])} | {pct(ra.get('2/255'))} | "
             f"**{pct(m['robust_accuracy_8_255'])}** | {pct(ra.get('16/255'))} | {pct(m['official_loss_8_255'])} | "
-            f"{pct(m['certified_accuracy'].get('0.1'))} | {checks} |"
+            f"{pct(m.get('per_loss', {}).get('8/255 square'))} | {pct(m['certified_accuracy'].get('0.1'))} | {checks} |"
         )
     return lines
 
