@@ -64,9 +64,12 @@ def _train_commands(method, args):
                                 f"--cpu_budget_minutes={args.budget_minutes}"])]
     half = args.budget_minutes / 2
     first = os.path.join(args.runs_dir, "clustr_qtrades_stage1")
+    # The recipe fine-tunes with QTRADES at Adam 1e-4 (DESIGN.md); at 1e-3 the KL term drove the
+    # half-trained ClusTR model to near-constant predictions (18% clean after 4 epochs).
+    finetune = [a if a != "--lr=1e-3" else "--lr=1e-4" for a in common]
     return [
         (first, common + ["--method=clustr", f"--cpu_budget_minutes={half}"]),
-        (run, common + ["--method=clustr", "--consistency_lambda=8", "--consistency_eps=8",
+        (run, finetune + ["--method=clustr", "--consistency_lambda=8", "--consistency_eps=8",
                         "--consistency_step=10", f"--init_checkpoint={first}",
                         f"--cpu_budget_minutes={half}"]),
     ]
@@ -154,7 +157,8 @@ def collect(args):
         "data": "CIFAR-10 re-encoded as JPEG (cifar10-jpeg.tar.gz), not the original binary release"
         if "jpeg" in args.data_dir.lower() else args.data_dir,
         "settings": {"cpu_budget_minutes_per_method": args.budget_minutes, "backbone": "resnet18",
-                     "width_multiplier": args.width_multiplier, "optimizer": "Adam, lr 1e-3, constant",
+                     "width_multiplier": args.width_multiplier,
+                     "optimizer": "Adam, lr 1e-3, constant (the QTRADES stage 1e-4, as the recipe)",
                      "batch_size": 240, "num_examples": args.num_examples, "square_queries": args.square_queries,
                      "seed": args.seed},
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
