@@ -129,6 +129,8 @@ def collect(args):
                 m = json.load(fh)
             stages.append({"command": _shown("training/main.py", argv + [f"--model_dir={stage_run}"]),
                            "epochs_trained": m.get("epochs_trained"),
+                           "steps": (m["epochs_trained"] * m["steps_per_epoch"]
+                                     if m.get("epochs_trained") is not None and m.get("steps_per_epoch") else None),
                            "train_time_seconds": m.get("train_time_seconds"),
                            "train_cpu_seconds": m.get("train_cpu_seconds")})
         seconds_path = os.path.join(ROOT, run, "robustness.seconds")

@@ -31,15 +31,15 @@ class UpdateReadmeTest(absltest.TestCase):
             "official_loss_8_255": 0.4, "certified_accuracy": {"0.1": 0.0},
             "masking_checks": {"losses_agree": True, "official_gap": False},
             "per_loss": {"8/255 margin": 0.12, "8/255 square": 0.2},
-            "train": [{"epochs_trained": 3, "train_cpu_seconds": 1850.0},
-                      {"epochs_trained": 2, "train_cpu_seconds": 1795.0}],
+            "train": [{"epochs_trained": 3, "steps": 627, "train_cpu_seconds": 1850.0},
+                      {"epochs_trained": 2, "steps": 418, "train_cpu_seconds": 1795.0}],
         }
         result = {"settings": {"width_multiplier": 0.25, "cpu_budget_minutes_per_method": 60,
                                "optimizer": "Adam", "batch_size": 240, "num_examples": 1000},
                   "machine": {"cpus": 2}, "data": "CIFAR-10", "date": "2026-11-25",
                   "methods": {"clustr_qtrades": method}}
         text = "\n".join(update_readme.reproduce(result))
-        self.assertIn("| ClusTR+QTRADES | 31 + 30 | 3 + 2 | 50.0% | 30.0% | **10.0%** | 0.0% | 40.0% | 20.0% | "
+        self.assertIn("| ClusTR+QTRADES | 31 + 30 | 627 + 418 | 50.0% | 30.0% | **10.0%** | 0.0% | 40.0% | 20.0% | "
                       "0.0% | failed: official_gap |", text)
         self.assertIn("| PGD-AT (Madry) | not run yet |", text)
 
