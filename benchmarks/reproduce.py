@@ -39,10 +39,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "benchmarks", "results", "reproduce.json")
 METHODS = ("cross_entropy", "clustr", "clustr_qtrades", "pgd_at")
 # The budget is checked at epoch ends, so a method may overshoot it by up to one epoch. A
-# full epoch of PGD-7 training costs about 25 CPU-minutes here (8 forward-backward passes a
-# batch), so it counts epochs of 70 steps (a third of a pass, about 8 CPU-minutes) to keep its
-# overshoot as small as the others' (one 209-step epoch: 3 to 4 CPU-minutes for cross-entropy
-# and ClusTR; QTRADES adds one signed-gradient step, so about 3x that).
+# full epoch of PGD-7 training costs about 13 CPU-minutes here (8 forward-backward passes a
+# batch), so it counts epochs of 70 steps (a third of a pass, about 4.5 CPU-minutes) to keep
+# its overshoot like the others' (one 209-step epoch: about 3.5 CPU-minutes for cross-entropy
+# and ClusTR, about 9 for QTRADES).
 PGD_AT_EPOCH_STEPS = 70
 
 
