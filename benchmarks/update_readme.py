@@ -158,14 +158,14 @@ def reproduce(r):
         if m is None:
             lines.append(f"| {name} | not run yet | | | | | | | | | |")
             continue
-        epochs = " + ".join(str(s.get("steps", "n/a")) for s in m["train"])
+        steps = " + ".join("n/a" if s.get("steps") is None else str(s["steps"]) for s in m["train"])
         cpu = [s.get("train_cpu_seconds") for s in m["train"]]
         cpu = "n/a" if None in cpu else " + ".join(f"{c / 60:.0f}" for c in cpu)
         failed = [k for k, v in m["masking_checks"].items() if not v]
         checks = "all passed" if not failed else "failed: " + ", ".join(failed)
         ra = m["robust_accuracy"]
         lines.append(
-            f"| {name} | {cpu} | {epochs} | {pct(m['clean_accuracy'])} | {pct(ra.get('2/255'))} | "
+            f"| {name} | {cpu} | {steps} | {pct(m['clean_accuracy'])} | {pct(ra.get('2/255'))} | "
             f"**{pct(m['robust_accuracy_8_255'])}** | {pct(ra.get('16/255'))} | {pct(m['official_loss_8_255'])} | "
             f"{pct(m.get('per_loss', {}).get('8/255 square'))} | {pct(m['certified_accuracy'].get('0.1'))} | {checks} |"
         )
