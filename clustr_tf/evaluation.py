@@ -123,7 +123,7 @@ def evaluate_robustness(model, images, labels, config, progress=None):
             b = index[i : i + config.batch_size]
             _, robust[b] = attacks.pgd(
                 model_fn, images[b], labels[b], eps, min(step, eps) if eps > 0 else step,
-                iterations, norm=np.inf if norm == "inf" else 2, loss=loss,
+                iterations, norm=np.inf if norm == "inf" else 2, loss=attacks.loss_function(loss, model),
                 restarts=config.restarts, seed=config.seed,
             )
         return robust

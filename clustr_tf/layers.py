@@ -140,16 +140,8 @@ class ClusterCenters(keras.layers.Layer):
         """int64 tensor [batch]: the class of the nearest center (the certified rule)."""
         return self.nearest_center(features) // self.clusters_per_class
 
-    def logits_from_distances(self, squared_distances, neighbours=None):
-        """Soft-kNC class logits from squared distances to the centers.
-
-        Args:
-            squared_distances: float tensor [batch, C*K].
-            neighbours: overrides the layer's L for this call (e.g. 20 at evaluation).
-
-        Returns:
-            float tensor [batch, C].
-        """
+    def _log_scores(self, squared_distances, neighbours):
+        """`(log S [batch, C], present bool [batch, C], log-kernel of the L-th nearest)`."""
         neighbours = neighbours or self.neighbours or self.num_clusters
         if not 1 <= neighbours <= self.num_clusters:
             raise ValueError(
@@ -168,8 +160,41 @@ class ClusterCenters(keras.layers.Layer):
         logits, present = ops.masked_logsumexp(
             tf.reshape(log_kernel, shape), tf.reshape(selected, shape), axis=-1
         )
+        return logits, present, threshold
+
+    def logits_from_distances(self, squared_distances, neighbours=None):
+        """Soft-kNC class logits from squared distances to the centers.
+
+        Args:
+            squared_distances: float tensor [batch, C*K].
+            neighbours: overrides the layer's L for this call (e.g. 20 at evaluation).
+
+        Returns:
+            float tensor [batch, C].
+        """
+        logits, present, threshold = self._log_scores(squared_distances, neighbours)
         floor = tf.stop_gradient(threshold - _ABSENT_CLASS_GAP)
         return tf.where(present, logits, floor)
+
+    def scores_from_distances(self, squared_distances, neighbours=None):
+        """The raw soft-kNC scores S from squared distances to the centers.
+
+        `S_c` is the sum of the kernels `exp(-||z - mu_j||^2 / (2 var))` of the clusters of
+        class c among the L nearest, in [0, K]; exactly 0 for a class with none of them.
+        The official ClusTR code uses S as logits in its attack loss and in the QTRADES
+        and cross-entropy terms (a softmax of S, not of log S). S is computed as the exp of
+        a logsumexp, so it is S to float rounding, and it underflows to 0, as the direct
+        sum does, when every kernel does.
+
+        Args:
+            squared_distances: float tensor [batch, C*K].
+            neighbours: overrides the layer's L for this call.
+
+        Returns:
+            float tensor [batch, C].
+        """
+        logits, present, _ = self._log_scores(squared_distances, neighbours)
+        return tf.where(present, tf.exp(logits), tf.zeros_like(logits))
 
     def call(self, features):
         return self.logits_from_distances(self.squared_distances(features))

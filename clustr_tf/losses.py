@@ -20,9 +20,17 @@ Two forms:
   `ClusterCenters` weights). Each example's own cluster is the nearest center of its
   class; the denominator runs over the centers of other classes only (the official
   total-loss path lets same-class centers add exp(0) = 1 each: a bug not copied here).
+
+The official code computes `relu(-log(num / (den + eps) + eps))` with eps = 1e-8, which caps
+each example's loss at -log(1e-8) = 18.42 and fades its gradient before the cap (to half
+the uncapped gradient at 17.7): the hardest examples are in effect ignored. Both forms take
+`epsilon=1e-8` (`OFFICIAL_EPSILON`) to compute that capped loss, still in the log domain;
+the default, `epsilon=None`, is the uncapped loss above, which is what `training/main.py`
+trains (`--magnet_cap` for the official form).
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from clustr_tf import ops
@@ -30,9 +38,16 @@ from clustr_tf import ops
 # The variance is floored here so that a batch whose features all coincide gives a finite
 # loss rather than a division by zero. It only acts when sigma^2 itself is below it.
 _MIN_VARIANCE = 1e-12
+# The official code's epsilon in relu(-log(num / (den + eps) + eps)): a cap of 18.42 nats.
+OFFICIAL_EPSILON = 1e-8
 
 
-def _magnet_from_distances(own, squared_distances, other_class, variance, alpha):
+def _check_epsilon(epsilon):
+    if epsilon is not None and not (isinstance(epsilon, (int, float)) and 0 < epsilon < 1):
+        raise ValueError(f"`epsilon` must be None or in (0, 1). Received: {epsilon!r}")
+
+
+def _magnet_from_distances(own, squared_distances, other_class, variance, alpha, epsilon=None):
     """Per-example magnet loss from the squared distances.
 
     Args:
@@ -41,17 +56,25 @@ def _magnet_from_distances(own, squared_distances, other_class, variance, alpha)
         other_class: bool [N, M], true where cluster m belongs to another class than n.
         variance: float scalar, sigma^2.
         alpha: float, the margin.
+        epsilon: None (the loss), or the official code's epsilon: the loss of
+            `relu(-log(num / (den + epsilon) + epsilon))`, computed as
+            `relu(-logaddexp(log num - logaddexp(log den, log epsilon), log epsilon))`.
 
     Returns:
         float [N]; 0 for an example with no cluster of another class in sight.
     """
     scale = 1.0 / (2.0 * tf.maximum(variance, _MIN_VARIANCE))
     lse, has_other = ops.masked_logsumexp(-squared_distances * scale, other_class)
-    value = tf.nn.relu(alpha + own * scale + lse)
+    if epsilon is None:
+        value = tf.nn.relu(alpha + own * scale + lse)
+    else:
+        log_eps = tf.constant(float(np.log(epsilon)), lse.dtype)
+        log_ratio = -own * scale - alpha - tf.experimental.numpy.logaddexp(lse, log_eps)
+        value = tf.nn.relu(-tf.experimental.numpy.logaddexp(log_ratio, log_eps))
     return tf.where(has_other, value, tf.zeros_like(value))
 
 
-def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5, num_clusters=None):
+def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5, num_clusters=None, epsilon=None):
     """Batch-form magnet loss, one value per example.
 
     The clusters are those present in the batch: examples with the same cluster index form
@@ -68,6 +91,8 @@ def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5, num_clusters=Non
             batch's clusters are found with static shapes (segment sums over all C*K
             clusters) instead of `tf.unique`, so the loss compiles with XLA
             (`jit_compile`); the values are the same.
+        epsilon: None (default: uncapped), or `OFFICIAL_EPSILON` for the official code's
+            capped form (see the module docstring).
 
     Returns:
         float32 tensor [N].
@@ -81,6 +106,7 @@ def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5, num_clusters=Non
     Reference:
         Rippel et al., "Metric Learning with Adaptive Density Discrimination", ICLR 2016.
     """
+    _check_epsilon(epsilon)
     features = tf.cast(y_pred, tf.float32)
     clusters = tf.reshape(tf.cast(y_true, tf.int32), [-1])
     if num_clusters is None:
@@ -104,10 +130,11 @@ def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5, num_clusters=Non
         clusters // clusters_per_class
     )[:, tf.newaxis]
     other_class = tf.logical_and(other_class, present[tf.newaxis, :])
-    return _magnet_from_distances(own, squared_distances, other_class, variance, alpha)
+    return _magnet_from_distances(own, squared_distances, other_class, variance, alpha, epsilon)
 
 
-def magnet_loss_with_centers(labels, features, centers, variance, clusters_per_class, alpha=12.5):
+def magnet_loss_with_centers(labels, features, centers, variance, clusters_per_class, alpha=12.5,
+                             epsilon=None):
     """Magnet loss against stored centers and variance, one value per example.
 
     Args:
@@ -117,10 +144,12 @@ def magnet_loss_with_centers(labels, features, centers, variance, clusters_per_c
         variance: float scalar, the stored sigma^2.
         clusters_per_class: int >= 1, K.
         alpha: float, the margin.
+        epsilon: None (uncapped) or `OFFICIAL_EPSILON` (the official capped form).
 
     Returns:
         float32 tensor [N].
     """
+    _check_epsilon(epsilon)
     features = tf.cast(features, tf.float32)
     centers = tf.cast(centers, tf.float32)
     labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
@@ -132,7 +161,7 @@ def magnet_loss_with_centers(labels, features, centers, variance, clusters_per_c
         axis=-1,
     )
     return _magnet_from_distances(
-        own, squared_distances, tf.logical_not(same_class), tf.cast(variance, tf.float32), alpha
+        own, squared_distances, tf.logical_not(same_class), tf.cast(variance, tf.float32), alpha, epsilon
     )
 
 
@@ -147,6 +176,8 @@ class MagnetLoss(keras.losses.Loss):
     Args:
         clusters_per_class: int >= 1, K (official: 2).
         alpha: float, the margin (official: 12.5).
+        epsilon: None (uncapped, the default) or `OFFICIAL_EPSILON` (the official code's
+            form, capped at 18.42 nats per example).
         reduction: as for every Keras loss (default `"sum_over_batch_size"`).
         name: the loss name.
         dtype: the loss computation dtype.
@@ -167,6 +198,7 @@ class MagnetLoss(keras.losses.Loss):
         self,
         clusters_per_class=2,
         alpha=12.5,
+        epsilon=None,
         reduction="sum_over_batch_size",
         name="magnet_loss",
         dtype=None,
@@ -178,15 +210,18 @@ class MagnetLoss(keras.losses.Loss):
             )
         if not alpha >= 0:
             raise ValueError(f"`alpha` must be >= 0. Received: {alpha!r}")
+        _check_epsilon(epsilon)
         self.clusters_per_class = clusters_per_class
         self.alpha = float(alpha)
+        self.epsilon = epsilon
 
     def call(self, y_true, y_pred):
-        return magnet_loss(y_true, y_pred, self.clusters_per_class, self.alpha)
+        return magnet_loss(y_true, y_pred, self.clusters_per_class, self.alpha, epsilon=self.epsilon)
 
     def get_config(self):
         return {
             **super().get_config(),
             "clusters_per_class": self.clusters_per_class,
             "alpha": self.alpha,
+            "epsilon": self.epsilon,
         }

@@ -48,6 +48,11 @@ CSV_NAME = "training_log.csv"
 STATE_DIR = "checkpoints"
 
 
+class RestoreError(RuntimeError):
+    """The run directory holds a training state that cannot be restored (corrupt, or of
+    another configuration)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """What the loop needs to know (the model, data and optimizer come separately).
@@ -56,8 +61,17 @@ class TrainConfig:
         epochs: int, epochs to train in total (a resumed run stops at the same epoch).
         steps_per_epoch: int, steps per epoch (each step: one batch per replica).
         alpha: float, the magnet loss margin.
-        xent_lambda: float, weight of a cross-entropy term on the soft-kNC logits.
+        magnet_epsilon: None (the uncapped magnet loss, the default), or the official
+            code's epsilon, `losses.OFFICIAL_EPSILON` (each example's loss capped at 18.42).
+        xent_lambda: float, weight of the official cross-entropy term: cross-entropy with
+            the raw soft-kNC scores S (training L) as logits.
+        logits_xent_lambda: float, weight of a cross-entropy on the log-scores log S (=
+            -log p_y, the soft-kNC probability of the label): not the official term.
         consistency_lambda: float, weight of the QTRADES term (0: off; official 8).
+        consistency: the form of that term, one of `CONSISTENCY_FORMS`: "official" (the
+            paper's: cross-entropy between the clean soft-kNC probabilities p and
+            softmax(S(x')), bounded) or "kl" (TRADES-style KL(p(x) || p(x')) between
+            soft-kNC probabilities, not the paper's, unbounded).
         consistency_eps: float, l_inf radius of its perturbation (official 8/255).
         consistency_step: float, its signed-gradient step (official 10/255).
         refresh_every: int, re-cluster after every this many epochs.
@@ -83,8 +97,11 @@ class TrainConfig:
     epochs: int
     steps_per_epoch: int
     alpha: float = 12.5
+    magnet_epsilon: float | None = None
     xent_lambda: float = 0.0
+    logits_xent_lambda: float = 0.0
     consistency_lambda: float = 0.0
+    consistency: str = "official"
     consistency_eps: float = 8.0 / 255.0
     consistency_step: float = 10.0 / 255.0
     refresh_every: int = 1
@@ -100,8 +117,20 @@ class TrainConfig:
     time_budget_seconds: float | None = None
     cpu_budget_seconds: float | None = None
 
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {', '.join(METHODS)}. Received: {self.method!r}")
+        if self.consistency not in CONSISTENCY_FORMS:
+            raise ValueError(f"`consistency` must be one of {', '.join(CONSISTENCY_FORMS)}. "
+                             f"Received: {self.consistency!r}")
+        for name in ("xent_lambda", "logits_xent_lambda", "consistency_lambda"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"`{name}` must be >= 0. Received: {getattr(self, name)!r}")
+
 
 METHODS = ("clustr", "cross_entropy", "pgd_at")
+# "official": the paper's ClusTR+QTRADES term; "kl": a TRADES-style KL, not the paper's.
+CONSISTENCY_FORMS = ("official", "kl")
 
 
 def kl_divergence(logits_p, logits_q):
@@ -111,17 +140,63 @@ def kl_divergence(logits_p, logits_q):
     return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def qtrades_perturbation(model, images, eps, step, seed):
-    """The QTRADES adversarial input: one random-start signed-gradient step on the KL.
+def official_consistency(probabilities, scores):
+    """The official ClusTR+QTRADES term per example: -sum_c p_c log softmax(S)_c.
 
-    Starts from `images + uniform(-eps, eps)`, takes one step of size `step` along the sign
-    of the gradient of KL(p(images) || p(x)) with respect to x, and projects back into the
-    l_inf ball of radius `eps` and [0, 1]. The model runs in inference mode, and the result
-    is a constant (`stop_gradient`): the attack's gradient never reaches the weights.
+    A cross-entropy between the clean soft-kNC probabilities `p` and a softmax of the RAW
+    scores `S` (in [0, K]) of the perturbed input, not of log S. It is at least
+    log(1 + (C - 1) e^-K) (0.80 nats for C = 10, K = 2) and at most K + log C (4.3): bounded,
+    unlike a KL between soft-kNC probabilities (about 100 nats when a class leaves the L
+    nearest clusters), and lowered by moving the perturbed input towards the centers of
+    the clean prediction.
 
     Args:
-        model: a `ClusTRModel` (or any model returning class logits).
+        probabilities: float [B, C], p.
+        scores: float [B, C], S of the perturbed input.
+
+    Returns:
+        float32 [B].
+    """
+    log_q = tf.nn.log_softmax(tf.cast(scores, tf.float32))
+    return -tf.reduce_sum(tf.cast(probabilities, tf.float32) * log_q, axis=-1)
+
+
+def _consistency_output(model, images, form, training):
+    """What the consistency term of `form` compares: S (official) or logits (kl)."""
+    if form == "official":
+        layer = model.cluster_centers
+        return layer.scores_from_distances(layer.squared_distances(model.embed(images, training=training)))
+    return model(images, training=training)
+
+
+def _consistency_term(form, clean_logits, output):
+    if form == "official":
+        return official_consistency(tf.nn.softmax(clean_logits), output)
+    return kl_divergence(clean_logits, output)
+
+
+def consistency_perturbation(model, images, target, form, eps, step, seed):
+    """The QTRADES adversarial input: one random-start signed step on the consistency term.
+
+    Starts from `images + uniform(-eps, eps)` (clipped to [0, 1]), takes one step of size
+    `step` along the sign of the gradient, with respect to x, of the term of `form` between
+    the constant `target` and the model at x, and projects back into the l_inf ball of
+    radius `eps` and [0, 1]:
+
+    - "official": `official_consistency(p, S(x))`, p = softmax(target), S over the model's
+      training L;
+    - "kl": KL(p || p(x)).
+
+    The model runs in inference mode (the official code runs its attack in training
+    mode: batch statistics, and it updates the moving ones), and the result is a constant
+    (`stop_gradient`): the attack's gradient never reaches the weights (the official code
+    adds the attack's weight gradients to the training step; not copied).
+
+    Args:
+        model: a `ClusTRModel`.
         images: float tensor [B, H, W, C] in [0, 1].
+        target: float tensor [B, C], the clean logits (log-scores), held constant.
+        form: one of `CONSISTENCY_FORMS`.
         eps: float, l_inf radius.
         step: float, step size.
         seed: int tensor [2], for the random start.
@@ -129,52 +204,85 @@ def qtrades_perturbation(model, images, eps, step, seed):
     Returns:
         float tensor [B, H, W, C], the perturbed images.
     """
+    if form not in CONSISTENCY_FORMS:
+        raise ValueError(f"`form` must be one of {', '.join(CONSISTENCY_FORMS)}. Received: {form!r}")
     images = tf.stop_gradient(images)
-    clean = tf.stop_gradient(model(images, training=False))
+    target = tf.stop_gradient(target)
     start = images + tf.random.stateless_uniform(tf.shape(images), seed, -eps, eps, images.dtype)
     start = tf.clip_by_value(start, 0.0, 1.0)
     with tf.GradientTape() as tape:
         tape.watch(start)
-        divergence = tf.reduce_sum(kl_divergence(clean, model(start, training=False)))
-    grad = tape.gradient(divergence, start)
+        term = tf.reduce_sum(_consistency_term(form, target, _consistency_output(model, start, form, False)))
+    grad = tape.gradient(term, start)
     adv = start + step * tf.sign(grad)
     adv = tf.clip_by_value(tf.clip_by_value(adv, images - eps, images + eps), 0.0, 1.0)
     return tf.stop_gradient(adv)
 
 
-def per_example_objective(model, images, targets, config, adversarial=None):
+def qtrades_perturbation(model, images, eps, step, seed):
+    """The "kl" form's input: `consistency_perturbation` on KL(p(images) || p(x)), the
+    clean logits taken in inference mode."""
+    return consistency_perturbation(model, images, model(images, training=False), "kl", eps, step, seed)
+
+
+def per_example_objective(model, images, targets, config, adversarial=None, seed=None):
     """The ClusTR training objective per example, on one replica's batch.
 
-    magnet loss (batch form) + xent_lambda * cross-entropy(soft-kNC logits)
-    + consistency_lambda * KL(p(x) || p(x_adv)).
+        magnet loss (batch form; capped if `config.magnet_epsilon`)
+        + xent_lambda * cross-entropy(labels, S)            (raw scores as logits, official)
+        + logits_xent_lambda * cross-entropy(labels, log S)
+        + consistency_lambda * term(x, x')
+
+    with `term` the official `official_consistency(p(x), S(x'))` (p keeps its gradient, as
+    in the official code) or, for `consistency="kl"`, KL(p(x) || p(x')). p and S use the
+    stored centers and variance and the training L; x and x' both pass the backbone in
+    training mode. x' is `adversarial` when given, else `consistency_perturbation` with
+    `seed`, against the clean prediction of this training pass held constant (official) or
+    the clean logits in inference mode (kl).
 
     Args:
         model: a `ClusTRModel`.
         images: float tensor [B, H, W, C].
         targets: dict with "labels" int [B] and "clusters" int [B].
         config: `TrainConfig`.
-        adversarial: the QTRADES input for `images`, when consistency_lambda > 0.
+        adversarial: optional QTRADES input for `images` (a constant).
+        seed: int tensor [2]; needed when consistency_lambda > 0 and `adversarial` is None.
 
     Returns:
-        `(total, magnet, logits, features)`: float32 [B] total and magnet-loss values,
-        the clean logits [B, C] and features [B, D].
+        `(total, magnet, logits, features, extras)`: float32 [B] total and magnet-loss
+        values, the clean logits [B, C] and features [B, D], and a dict that holds, when
+        consistency_lambda > 0, "adversarial" (x') and "consistency" (the term [B]).
     """
     layer = model.cluster_centers
     features = model.backbone(images, training=True)
     magnet = losses.magnet_loss(
         targets["clusters"], features, layer.clusters_per_class, config.alpha,
-        num_clusters=layer.num_clusters,
+        num_clusters=layer.num_clusters, epsilon=config.magnet_epsilon,
     )
-    logits = layer(features)
+    distances = layer.squared_distances(features)
+    logits = layer.logits_from_distances(distances)
+    labels = tf.cast(targets["labels"], tf.int64)
     total = magnet
+    extras = {}
     if config.xent_lambda:
         total += config.xent_lambda * tf.nn.sparse_softmax_cross_entropy_with_logits(
-            tf.cast(targets["labels"], tf.int64), logits
+            labels, layer.scores_from_distances(distances)
         )
+    if config.logits_xent_lambda:
+        total += config.logits_xent_lambda * tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
     if config.consistency_lambda:
-        adv_logits = model(adversarial, training=True)
-        total += config.consistency_lambda * kl_divergence(logits, adv_logits)
-    return total, magnet, logits, features
+        form = config.consistency
+        if adversarial is None:
+            if seed is None:
+                raise ValueError("`per_example_objective` needs `adversarial` or `seed` when consistency_lambda > 0")
+            target = logits if form == "official" else model(images, training=False)
+            adversarial = consistency_perturbation(
+                model, images, target, form, config.consistency_eps, config.consistency_step, seed
+            )
+        term = _consistency_term(form, logits, _consistency_output(model, adversarial, form, training=True))
+        total += config.consistency_lambda * term
+        extras = {"adversarial": adversarial, "consistency": term}
+    return total, magnet, logits, features, extras
 
 
 def _baseline_prediction_function(model):
@@ -221,8 +329,6 @@ class Trainer:
         self.test_dataset = test_dataset
         self.augment = augment
         self.verbose = verbose
-        if config.method not in METHODS:
-            raise ValueError(f"`method` must be one of {', '.join(METHODS)}. Received: {config.method!r}")
         self.clustr = config.method == "clustr"
         if self.clustr != isinstance(model, models.ClusTRModel):
             raise TypeError(f"method {config.method!r} trains a "
@@ -276,7 +382,7 @@ class Trainer:
         try:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         except (tf.errors.OpError, AssertionError, ValueError) as e:
-            raise RuntimeError(
+            raise RestoreError(
                 f"Cannot restore the training state from {path}: {type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}. The checkpoint is corrupt or "
                 "belongs to another configuration; move it away or use another --model_dir."
@@ -350,15 +456,10 @@ class Trainer:
             return self._baseline_step(images, targets)
         model, config = self.model, self.config
         ctx = tf.distribute.get_replica_context()
-        adversarial = None
-        if config.consistency_lambda:
-            seed = self._attack_seed(ctx)
-            adversarial = qtrades_perturbation(
-                model, images, config.consistency_eps, config.consistency_step, seed
-            )
+        seed = self._attack_seed(ctx) if config.consistency_lambda else None
         with tf.GradientTape() as tape:
-            total, magnet, logits, features = per_example_objective(
-                model, images, targets, config, adversarial
+            total, magnet, logits, features, extras = per_example_objective(
+                model, images, targets, config, seed=seed
             )
             loss = tf.nn.compute_average_loss(total)
             if model.losses:
@@ -370,7 +471,9 @@ class Trainer:
         self._sync_replicas(ctx)
         labels = tf.cast(targets["labels"], tf.int64)
         hard = model.cluster_centers.nearest_center_class(features)
+        sums = {"consistency_loss": tf.reduce_sum(extras["consistency"])} if "consistency" in extras else {}
         return {
+            **sums,
             "loss": tf.reduce_sum(total),
             "magnet_loss": tf.reduce_sum(magnet),
             "accuracy": tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == labels, tf.float32)),
@@ -472,8 +575,8 @@ class Trainer:
                         and step < config.steps_per_epoch):
                     self.save()
             n = max(sums.get("count", 0.0), 1.0)
-            logs = {k: sums[k] / n for k in ("loss", "magnet_loss", "accuracy", "nearest_center_accuracy")
-                    if k in sums}
+            logs = {k: sums[k] / n for k in ("loss", "magnet_loss", "consistency_loss", "accuracy",
+                                              "nearest_center_accuracy") if k in sums}
             if not np.isfinite(logs.get("loss", 0.0)):
                 raise FloatingPointError(f"The training loss is {logs['loss']} at epoch {epoch + 1}")
             if self.refresher and (epoch + 1) % config.refresh_every == 0:

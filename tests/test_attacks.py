@@ -36,6 +36,46 @@ def _points(size=3):
     return tf.constant(images), tf.constant([1, 0, 1, 0])
 
 
+class OfficialLossTest(absltest.TestCase):
+    def test_official_loss_is_cross_entropy_on_the_raw_scores(self):
+        """The official evaluation's loss, computed directly from distances, variance and L
+        (../shared/notes/official-clustr.md): kernels exp(-d / (2 var)), the L largest kept,
+        S_c their per-class sums, cross-entropy with S as logits."""
+        from clustr_tf import models
+
+        keras.utils.set_random_seed(0)
+        backbone = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(5)])
+        model = models.ClusTRModel(backbone, num_classes=4, clusters_per_class=2, neighbours=3)
+        rng = np.random.default_rng(1)
+        centers = rng.normal(size=(8, 5)).astype("float32")
+        model.cluster_centers.centers.assign(centers)
+        model.cluster_centers.variance.assign(0.7)
+        images = rng.random((16, 4, 4, 1)).astype("float32")
+        labels = np.arange(16) % 4
+        for neighbours in (3, 5, 8):
+            got = attacks.LOSSES["official"](labels, attacks.logits_function(model, neighbours)(images)).numpy()
+            z = backbone(images).numpy().astype(np.float64)
+            d = ((z[:, None, :] - centers[None].astype(np.float64)) ** 2).sum(-1)
+            kernel = np.exp(-d / (2 * 0.7))
+            kept = np.zeros_like(kernel, bool)
+            np.put_along_axis(kept, np.argsort(-kernel, 1)[:, :neighbours], True, 1)
+            scores = np.where(kept, kernel, 0.0).reshape(16, 4, 2).sum(-1)
+            expected = np.log(np.exp(scores).sum(1)) - scores[np.arange(16), labels]
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        # Not the cross-entropy of softmax(p) the table used before, nor the one of log S.
+        logits = attacks.logits_function(model, 3)(images)
+        p = tf.nn.softmax(logits)
+        self.assertGreater(float(tf.reduce_max(tf.abs(
+            attacks.LOSSES["official"](labels, logits)
+            - tf.nn.sparse_softmax_cross_entropy_with_logits(labels, p)))), 1e-3)
+        # A softmax classifier's raw scores are its logits: there it is plain cross-entropy.
+        linear = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+        self.assertIs(attacks.loss_function("official", linear), attacks.LOSSES["logits"])
+        self.assertIs(attacks.loss_function("official", model), attacks.LOSSES["official"])
+        with self.assertRaisesRegex(ValueError, "Unknown attack loss.*Received: 'dlr'"):
+            attacks.loss_function("dlr", model)
+
+
 class PgdTest(parameterized.TestCase):
     def setUp(self):
         super().setUp()

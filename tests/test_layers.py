@@ -52,6 +52,21 @@ class ClusterCentersTest(parameterized.TestCase):
         if (~present).any():
             self.assertLess(logits[~present].max(), logits[present].min() - 50)
 
+    @parameterized.parameters((3, 2, 6), (3, 2, 3), (4, 1, 2), (5, 3, 1))
+    def test_scores_are_the_raw_kernel_sums(self, num_classes, k, neighbours):
+        """S_c: the sum of the kernels of class c among the L nearest, exactly 0 without one."""
+        layer = _layer(num_classes, k, neighbours, dim=4)
+        features = np.random.default_rng(1).normal(size=(16, 4)).astype("float32")
+        d = ((features[:, None, :].astype(np.float64) - layer.centers.numpy()[None]) ** 2).sum(-1)
+        expected = np.zeros([16, num_classes])
+        for n in range(16):
+            for j in np.argsort(d[n])[:neighbours]:
+                expected[n, j // k] += np.exp(-d[n, j] / 3.0)
+        got = layer.scores_from_distances(layer.squared_distances(features)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(got == 0, expected == 0)
+        self.assertLessEqual(got.max(), k)
+
     def test_nearest_center_and_its_class(self):
         layer = layers.ClusterCenters(num_classes=2, clusters_per_class=2)
         layer.build((None, 2))

@@ -25,7 +25,53 @@ def _direct_batch_magnet(features, clusters, k, alpha):
     return np.array(out)
 
 
+def _official_capped(features, clusters, k, alpha):
+    """The official code's loss, relu(-log(num / (den + 1e-8) + 1e-8)), in float64."""
+    features = np.asarray(features, np.float64)
+    unique = np.unique(clusters)
+    means = {c: features[clusters == c].mean(0) for c in unique}
+    own = np.array([((r - means[c]) ** 2).sum() for r, c in zip(features, clusters)])
+    variance = own.sum() / (len(features) - 1)
+    out = []
+    for r, c, o in zip(features, clusters, own):
+        num = np.exp(-o / (2 * variance) - alpha)
+        den = sum(np.exp(-((r - means[u]) ** 2).sum() / (2 * variance)) for u in unique if u // k != c // k)
+        out.append(max(0.0, -np.log(num / (den + 1e-8) + 1e-8)))
+    return np.array(out)
+
+
 class MagnetLossTest(parameterized.TestCase):
+    @parameterized.parameters((0, 1, 0.5, 1.0), (1, 2, 12.5, 1.0), (2, 2, 12.5, 4.0), (3, 3, 4.0, 0.3))
+    def test_official_cap_matches_the_official_formula(self, seed, k, alpha, spread):
+        """`epsilon=OFFICIAL_EPSILON` is the official relu(-log(num / (den + eps) + eps)): equal
+        to it where it is defined, and never above -log(1e-8) = 18.42."""
+        rng = np.random.default_rng(seed)
+        m, d, dim = 4, 5, 6
+        clusters = np.repeat(rng.choice(4 * k, size=m, replace=False), d)
+        centers = rng.normal(size=(4 * k, dim)) * 2
+        features = (centers[clusters] + spread * rng.normal(size=(m * d, dim))).astype("float32")
+        got = losses.magnet_loss(clusters, features, k, alpha, epsilon=losses.OFFICIAL_EPSILON).numpy()
+        np.testing.assert_allclose(got, _official_capped(features, clusters, k, alpha), rtol=1e-4, atol=1e-4)
+        self.assertLessEqual(got.max(), -np.log(1e-8) + 1e-4)
+        uncapped = losses.magnet_loss(clusters, features, k, alpha).numpy()
+        self.assertTrue(np.all(got <= uncapped + 1e-4))
+
+    def test_official_cap_bounds_a_hard_example_and_fades_its_gradient(self):
+        """An example of class 1 sitting on class 0's center (stored centers, variance 0.5):
+        uncapped 12.5 + 25 - 0 = 37.5 nats, capped 18.42 with a gradient that has all but
+        vanished (the official code in effect ignores it); an easy example is unchanged."""
+        features = tf.Variable([[0.0], [5.0]])
+        centers, variance = tf.constant([[0.0], [5.0]]), 0.5
+        with tf.GradientTape(persistent=True) as tape:
+            uncapped = losses.magnet_loss_with_centers([1, 1], features, centers, variance, 1)
+            capped = losses.magnet_loss_with_centers([1, 1], features, centers, variance, 1,
+                                                     epsilon=losses.OFFICIAL_EPSILON)
+            u, c = uncapped[0], capped[0]
+        self.assertAlmostEqual(float(u), 37.5, places=4)
+        self.assertAlmostEqual(float(c), -np.log(1e-8), places=3)
+        self.assertLess(float(tf.norm(tape.gradient(c, features))), 1e-3 * float(tf.norm(tape.gradient(u, features))))
+        self.assertAlmostEqual(float(capped[1]), float(uncapped[1]), places=4)
+
     def test_hand_derived_case(self):
         """1-D features: cluster 0 = {0, 1} (mean 0.5), cluster 1 = {0.5, 1.5} (mean 1.0).
 
@@ -178,13 +224,15 @@ class MagnetLossTest(parameterized.TestCase):
         self.assertAlmostEqual(float(summed([0, 0, 1, 1], features)), 48.5, places=4)
 
     def test_keras_loss_config_round_trip(self):
-        loss = losses.MagnetLoss(clusters_per_class=3, alpha=2.5, name="m")
+        loss = losses.MagnetLoss(clusters_per_class=3, alpha=2.5, epsilon=1e-8, name="m")
         restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
         self.assertIsInstance(restored, losses.MagnetLoss)
-        self.assertEqual((restored.clusters_per_class, restored.alpha, restored.name), (3, 2.5, "m"))
+        self.assertEqual((restored.clusters_per_class, restored.alpha, restored.epsilon, restored.name),
+                         (3, 2.5, 1e-8, "m"))
 
     @parameterized.parameters(({"clusters_per_class": 0}, "clusters_per_class.*Received: 0"),
-                              ({"alpha": -1.0}, "alpha.*Received: -1.0"))
+                              ({"alpha": -1.0}, "alpha.*Received: -1.0"),
+                              ({"epsilon": 0.0}, "epsilon.*Received: 0.0"))
     def test_bad_arguments(self, kwargs, message):
         with self.assertRaisesRegex(ValueError, message):
             losses.MagnetLoss(**kwargs)

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
+from clustr_tf import layers
 from clustr_tf import losses
 from clustr_tf import models
 from clustr_tf import sampler as sampler_lib
@@ -82,30 +83,133 @@ class ObjectiveTest(absltest.TestCase):
         grads = tape.gradient(total, model.trainable_variables)
         self.assertTrue(all(g is None for g in grads))
 
-    def test_step_applies_the_gradient_of_the_objective(self):
-        """One step with SGD(lr) moves the weights by -lr * grad of the mean objective,
-        the QTRADES input being a constant computed first with the step's seed."""
-        config = training.TrainConfig(epochs=1, steps_per_epoch=1, xent_lambda=0.5,
-                                      consistency_lambda=8.0)
+    def test_official_consistency_by_hand(self):
+        """p = (1, 0), S = (2, 0): -log(e^2 / (e^2 + 1)); soft p mixes both classes' terms."""
+        p = tf.constant([[1.0, 0.0], [0.25, 0.75]])
+        scores = tf.constant([[2.0, 0.0], [0.5, 1.5]])
+        got = training.official_consistency(p, scores).numpy()
+        log_q = np.log(np.exp([[2.0, 0.0], [0.5, 1.5]]) / np.exp([[2.0, 0.0], [0.5, 1.5]]).sum(1, keepdims=True))
+        np.testing.assert_allclose(got, -(np.array([[1.0, 0.0], [0.25, 0.75]]) * log_q).sum(1), rtol=1e-6)
+        self.assertAlmostEqual(float(got[0]), np.log1p(np.exp(-2.0)), places=6)
+
+    def test_official_term_is_bounded_where_the_kl_is_not(self):
+        """A perturbed input whose prediction left the clean class's clusters: the KL between
+        soft-kNC probabilities is about 100 nats, the official term at most K + log C."""
+        layer = layers.ClusterCenters(num_classes=3, clusters_per_class=2, neighbours=2)
+        layer.build((None, 2))
+        centers = np.array([[0, 0], [0, 1], [10, 0], [10, 1], [20, 0], [20, 1]], np.float32)
+        layer.centers.assign(centers)
+        layer.variance.assign(1.0)
+        clean = layer(tf.constant(centers[:1]))  # at a center of class 0: its two clusters are the L nearest
+        far = tf.constant(centers[4:5])  # at a center of class 2: class 0 leaves the L nearest
+        kl = float(training.kl_divergence(clean, layer(far))[0])
+        official = float(training.official_consistency(tf.nn.softmax(clean), layer.scores_from_distances(
+            layer.squared_distances(far)))[0])
+        self.assertGreater(kl, 10.0)
+        self.assertLess(official, 2 + np.log(3) + 1e-6)
+        self.assertGreater(official, np.log1p(2 * np.exp(-2)) - 1e-6)
+
+    def test_official_attack_moves_and_stays_in_the_ball(self):
+        trainer, images, _ = _setup(self, training.TrainConfig(epochs=1, steps_per_epoch=1))
+        trainer.refresher.refresh()
+        x = tf.constant(images[:8])
+        target = trainer.model(x, training=False)
+        adv = training.consistency_perturbation(trainer.model, x, target, "official", 8 / 255, 10 / 255,
+                                                tf.constant([1, 2], tf.int64))
+        self.assertLessEqual(float(tf.reduce_max(tf.abs(adv - x))), 8 / 255 + 1e-6)
+        self.assertGreaterEqual(float(tf.reduce_min(adv)), 0.0)
+        self.assertGreater(float(tf.reduce_max(tf.abs(adv - x))), 4 / 255)
+        # One signed step raises the official term against the clean prediction.
+        layer = trainer.model.cluster_centers
+
+        def term(images):
+            scores = layer.scores_from_distances(layer.squared_distances(trainer.model.embed(images)))
+            return float(tf.reduce_sum(training.official_consistency(tf.nn.softmax(target), scores)))
+
+        start = tf.clip_by_value(x + tf.random.stateless_uniform(tf.shape(x), [1, 2], -8 / 255, 8 / 255), 0.0, 1.0)
+        self.assertGreater(term(adv), term(start))
+        with self.assertRaisesRegex(ValueError, "`form` must be one of official, kl. Received: 'mse'"):
+            training.consistency_perturbation(trainer.model, x, target, "mse", 0.1, 0.1, tf.constant([0, 0]))
+
+    def test_unknown_consistency_form_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "`consistency` must be one of official, kl. Received: 'trades'"):
+            training.TrainConfig(epochs=1, steps_per_epoch=1, consistency="trades")
+
+    def _one_step(self, config):
+        """(trainer, images, targets, weights and moving statistics before the step)."""
         trainer, _, _ = _setup(self, config, optimizer=keras.optimizers.SGD(0.1))
         trainer.refresher.refresh()
-        model = trainer.model
         images, targets = next(iter(trainer.sampler.dataset()))
+        model = trainer.model
         before = [v.numpy().copy() for v in model.trainable_variables]
         moving = [v.numpy().copy() for v in model.non_trainable_variables]
-        adv = training.qtrades_perturbation(
-            model, images, config.consistency_eps, config.consistency_step,
-            tf.constant([config.seed, 0], tf.int64),
-        )
-        with tf.GradientTape() as tape:
-            total, _, _, _ = training.per_example_objective(model, images, targets, config, adv)
-            loss = tf.reduce_mean(total)
-        expected = [b - 0.1 * g.numpy() for b, g in zip(before, tape.gradient(loss, model.trainable_variables))]
-        for v, m in zip(model.non_trainable_variables, moving):  # undo the BN update above
-            v.assign(m)
-        tf.function(trainer._replica_step)(images, targets)
-        for v, e in zip(model.trainable_variables, expected):
-            np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-5)
+        return trainer, images, targets, before, moving
+
+    def test_step_applies_the_gradient_of_the_objective(self):
+        """One step with SGD(lr) moves the weights by -lr * grad of the mean objective,
+        the QTRADES input being made with the step's seed, for both forms of the term."""
+        for form in training.CONSISTENCY_FORMS:
+            config = training.TrainConfig(epochs=1, steps_per_epoch=1, xent_lambda=0.5, logits_xent_lambda=0.25,
+                                          consistency_lambda=8.0, consistency=form)
+            trainer, images, targets, before, moving = self._one_step(config)
+            model = trainer.model
+            with tf.GradientTape() as tape:
+                total, _, _, _, extras = training.per_example_objective(
+                    model, images, targets, config, seed=tf.constant([config.seed, 0], tf.int64))
+                loss = tf.reduce_mean(total)
+            self.assertEqual(sorted(extras), ["adversarial", "consistency"])
+            expected = [b - 0.1 * g.numpy() for b, g in zip(before, tape.gradient(loss, model.trainable_variables))]
+            for v, m in zip(model.non_trainable_variables, moving):  # undo the BN update above
+                v.assign(m)
+            sums = tf.function(trainer._replica_step)(images, targets)
+            self.assertAlmostEqual(float(sums["consistency_loss"]), float(tf.reduce_sum(extras["consistency"])),
+                                   places=2)
+            for v, e in zip(model.trainable_variables, expected):
+                np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-5, err_msg=form)
+
+    def test_update_equals_the_update_with_the_attack_input_as_a_constant(self):
+        """The attack's weight gradients never reach the update (the official code adds them):
+        the training step equals an SGD step on the objective with x' given as a constant."""
+        for form in training.CONSISTENCY_FORMS:
+            config = training.TrainConfig(epochs=1, steps_per_epoch=1, consistency_lambda=8.0, consistency=form)
+            trainer, images, targets, before, moving = self._one_step(config)
+            model = trainer.model
+            _, _, _, _, extras = training.per_example_objective(
+                model, images, targets, config, seed=tf.constant([config.seed, 0], tf.int64))
+            adversarial = tf.constant(extras["adversarial"].numpy())
+            self.assertGreater(float(tf.reduce_max(tf.abs(adversarial - images))), 4 / 255)
+            with tf.GradientTape() as tape:
+                total, _, _, _, _ = training.per_example_objective(model, images, targets, config,
+                                                                   adversarial=adversarial)
+                loss = tf.reduce_mean(total)
+            expected = [b - 0.1 * g.numpy() for b, g in zip(before, tape.gradient(loss, model.trainable_variables))]
+            for v, m in zip(model.non_trainable_variables, moving):
+                v.assign(m)
+            tf.function(trainer._replica_step)(images, targets)
+            for v, e in zip(model.trainable_variables, expected):
+                np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6, err_msg=form)
+
+    def test_official_term_lets_the_gradient_of_p_flow(self):
+        """p is not held constant in the loss (as in the official code): its gradient differs
+        from the one with p stopped."""
+        config = training.TrainConfig(epochs=1, steps_per_epoch=1, consistency_lambda=1.0)
+        trainer, images, targets, _, _ = self._one_step(config)
+        model = trainer.model
+        layer = model.cluster_centers
+        layer.variance.assign(50.0 * layer.variance)  # soft probabilities: p has a gradient to give
+        _, _, _, _, extras = training.per_example_objective(
+            model, images, targets, config, seed=tf.constant([0, 0], tf.int64))
+        adversarial = extras["adversarial"]
+        with tf.GradientTape(persistent=True) as tape:
+            _, _, logits, _, extras = training.per_example_objective(model, images, targets, config,
+                                                                     adversarial=adversarial)
+            flowing = tf.reduce_sum(extras["consistency"])
+            adv_scores = layer.scores_from_distances(layer.squared_distances(model.embed(adversarial, training=True)))
+            stopped = tf.reduce_sum(training.official_consistency(tf.stop_gradient(tf.nn.softmax(logits)), adv_scores))
+        self.assertAlmostEqual(float(flowing), float(stopped), places=4)
+        a = tape.gradient(flowing, model.trainable_variables)
+        b = tape.gradient(stopped, model.trainable_variables)
+        self.assertGreater(max(float(tf.reduce_max(tf.abs(x - y))) for x, y in zip(a, b)), 1e-6)
 
     def test_records_magnet_losses_in_the_sampler(self):
         trainer, _, _ = _setup(self, training.TrainConfig(epochs=1, steps_per_epoch=1, xent_lambda=1.0))

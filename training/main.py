@@ -35,6 +35,7 @@ FOLDER_DATASETS = ("image_folder",)
 BACKBONES = ("auto", "convnet", "resnet18")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 METHODS = ("clustr", "cross_entropy", "pgd_at")
+CONSISTENCY_FORMS = ("official", "kl")
 
 
 def define_flags():
@@ -76,14 +77,26 @@ def define_flags():
         "Default: none for digits, auto otherwise.",
     )
     flags.DEFINE_float("lr_decay", 0.1, "Learning-rate factor at each milestone.")
-    flags.DEFINE_float("xent_lambda", 0.0, "Weight of a cross-entropy term on the soft-kNC logits.")
+    flags.DEFINE_bool("magnet_cap", False, "The official magnet loss, capped at -log(1e-8) = 18.42 per example "
+                      "(relu(-log(num / (den + 1e-8) + 1e-8))); default: uncapped.")
+    flags.DEFINE_float("xent_lambda", 0.0, "Weight of the official cross-entropy term: cross-entropy with the raw "
+                       "soft-kNC scores S as logits.")
+    flags.DEFINE_float("logits_xent_lambda", 0.0, "Weight of a cross-entropy on the log-scores log S (-log p of "
+                       "the label; not the official term).")
     flags.DEFINE_float(
-        "consistency_lambda", 0.0, "ClusTR+QTRADES: weight of KL(p(x) || p(x_adv)) (official 8)."
+        "consistency_lambda", 0.0, "ClusTR+QTRADES: weight of the consistency term (official 8)."
+    )
+    flags.DEFINE_string(
+        "consistency", "official", "Form of the consistency term: official (the paper's: cross-entropy between "
+        "the clean soft-kNC probabilities and softmax(S(x_adv)), S the raw scores) or kl (TRADES-style "
+        "KL(p(x) || p(x_adv)), not the paper's)."
     )
     flags.DEFINE_float("consistency_eps", 8.0, "QTRADES l_inf radius, in 1/255 units.")
     flags.DEFINE_float("consistency_step", 10.0, "QTRADES step size, in 1/255 units.")
     flags.DEFINE_string(
-        "init_checkpoint", None, "A .keras ClusTR model (or a run directory) to start from."
+        "init_checkpoint", None, "A run directory (its model.keras) or a .keras model, ClusTR or cross-entropy, "
+        "to start from: its backbone's weights carry over (the official ClusTR+QTRADES recipe starts from a "
+        "cross-entropy network); the clusters are refreshed on them before the first step."
     )
     flags.DEFINE_bool("mixed_precision", False, "mixed_float16 compute (for GPUs).")
     flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA (accelerators).")
@@ -132,6 +145,7 @@ class Config:
     m: int
     d: int
     alpha: float
+    magnet_cap: bool
     L: int
     eval_L: int
     lr: float
@@ -145,7 +159,9 @@ class Config:
     lr_milestones: tuple
     lr_decay: float
     xent_lambda: float
+    logits_xent_lambda: float
     consistency_lambda: float
+    consistency: str
     consistency_eps: float
     consistency_step: float
     init_checkpoint: str | None
@@ -241,13 +257,16 @@ def config_from_flags(f):
         raise ConfigError(
             f"Unknown --strategy. Expected one of {', '.join(STRATEGIES)}. Received: {f.strategy!r}"
         )
-    for name in ("xent_lambda", "consistency_lambda", "consistency_eps", "consistency_step"):
+    for name in ("xent_lambda", "logits_xent_lambda", "consistency_lambda", "consistency_eps", "consistency_step"):
         if not getattr(f, name) >= 0:
             raise ConfigError(f"--{name} must be >= 0. Received: {getattr(f, name)}")
+    if f.consistency not in CONSISTENCY_FORMS:
+        raise ConfigError(f"Unknown --consistency. Expected one of {', '.join(CONSISTENCY_FORMS)}. "
+                          f"Received: {f.consistency!r}")
     if f.method not in METHODS:
         raise ConfigError(f"Unknown --method. Expected one of {', '.join(METHODS)}. Received: {f.method!r}")
     if f.method != "clustr":
-        for name in ("xent_lambda", "consistency_lambda"):
+        for name in ("xent_lambda", "logits_xent_lambda", "consistency_lambda"):
             if getattr(f, name):
                 raise ConfigError(f"--{name} applies to --method=clustr only. Received: --method={f.method} "
                                   f"--{name}={getattr(f, name)}")
@@ -318,6 +337,7 @@ def config_from_flags(f):
         m=f.m,
         d=f.d,
         alpha=f.alpha,
+        magnet_cap=f.magnet_cap,
         L=f.L,
         eval_L=eval_l,
         lr=f.lr,
@@ -331,7 +351,9 @@ def config_from_flags(f):
         lr_milestones=milestones,
         lr_decay=f.lr_decay,
         xent_lambda=f.xent_lambda,
+        logits_xent_lambda=f.logits_xent_lambda,
         consistency_lambda=f.consistency_lambda,
+        consistency=f.consistency,
         consistency_eps=f.consistency_eps / 255.0,
         consistency_step=f.consistency_step / 255.0,
         init_checkpoint=f.init_checkpoint,
@@ -376,23 +398,47 @@ def build_model(config, info):
 
 
 def _load_init_checkpoint(model, path):
-    """Copies the weights of a saved ClusTR model (a .keras file or a run directory)."""
+    """Starts `model` from a saved model: a .keras file, or a run directory's model.keras.
+
+    The backbone's weights (batch-norm statistics included) carry over from a ClusTR model
+    or a softmax classifier (cross-entropy, PGD-AT). Cluster centers and variance are not
+    copied: the cluster refresh before the first step computes them on the copied
+    backbone's features. A linear head carries over to a softmax classifier of the same
+    shape and is dropped otherwise (a ClusTR run from a cross-entropy network, as the
+    official ClusTR+QTRADES recipe starts).
+    """
     import keras
 
     if os.path.isdir(path):
         path = os.path.join(path, "model.keras")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--init_checkpoint must be a .keras model or a run directory holding model.keras "
+                          f"(a finished run). Received: {path}")
     try:
         source = keras.saving.load_model(path)
     except Exception as e:  # noqa: BLE001: any load failure becomes one clear message
-        raise ConfigError(f"--init_checkpoint cannot be loaded ({type(e).__name__}: {e}). Received: {path}") from None
-    shapes = [tuple(w.shape) for w in source.weights]
-    if shapes != [tuple(w.shape) for w in model.weights]:
-        raise ConfigError(
-            "--init_checkpoint has another architecture than this run's model (check "
-            f"--backbone, --width_multiplier, --k, --dataset). Received: {path}"
-        )
-    model.set_weights(source.get_weights())
-    logging.info("Initialised from %s", path)
+        raise ConfigError(f"--init_checkpoint cannot be loaded ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}). Received: {path}") from None
+    backbone = getattr(source, "backbone", None)
+    if not isinstance(backbone, keras.layers.Layer):
+        raise ConfigError(f"--init_checkpoint must be a ClusTR model or a softmax classifier (a model with a "
+                          f"backbone). Received: {type(source).__name__} from {path}")
+    ours, theirs = model.backbone.weights, backbone.weights
+    mismatch = next((f"{a.path} is {tuple(a.shape)} here and {tuple(b.shape)} there"
+                     for a, b in zip(ours, theirs) if tuple(a.shape) != tuple(b.shape)), None)
+    if mismatch is None and len(ours) != len(theirs):
+        mismatch = f"{len(ours)} backbone weights here, {len(theirs)} there"
+    if mismatch:
+        raise ConfigError(f"--init_checkpoint's backbone does not fit this run's ({mismatch}; check --backbone, "
+                          f"--width_multiplier, --dataset). Received: {path}")
+    model.backbone.set_weights(backbone.get_weights())
+    head, source_head = getattr(model, "head", None), getattr(source, "head", None)
+    copied = "backbone"
+    if head is not None and source_head is not None and [tuple(w.shape) for w in head.weights] == [
+            tuple(w.shape) for w in source_head.weights]:
+        head.set_weights(source_head.get_weights())
+        copied = "backbone and linear head"
+    logging.info("Initialised the %s from %s (%s)", copied, path, type(source).__name__)
 
 
 def train_and_evaluate(config):
@@ -402,6 +448,7 @@ def train_and_evaluate(config):
 
     from clustr_tf import data
     from clustr_tf import distribute
+    from clustr_tf import losses
     from clustr_tf import models
     from clustr_tf import sampler as sampler_lib
     from clustr_tf import training
@@ -454,8 +501,11 @@ def train_and_evaluate(config):
             epochs=config.epochs,
             steps_per_epoch=steps,
             alpha=config.alpha,
+            magnet_epsilon=losses.OFFICIAL_EPSILON if config.magnet_cap else None,
             xent_lambda=config.xent_lambda,
+            logits_xent_lambda=config.logits_xent_lambda,
             consistency_lambda=config.consistency_lambda,
+            consistency=config.consistency,
             consistency_eps=config.consistency_eps,
             consistency_step=config.consistency_step,
             refresh_every=config.refresh_every,
@@ -474,12 +524,7 @@ def train_and_evaluate(config):
         test_dataset=test,
         augment=data.augmentation(config.dataset) if config.augment else None,
     )
-    try:
-        trainer.train()
-    except RuntimeError as e:
-        if "Cannot restore" in str(e):
-            raise ConfigError(str(e)) from None
-        raise
+    trainer.train()
     train_seconds = time.time() - start
     metrics = models.evaluate_accuracy(
         model, test, neighbours=config.eval_L, batch_size=config.eval_batch_size,
@@ -531,10 +576,14 @@ def main(argv):
         json.dump(dataclasses.asdict(config), fh, indent=2)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     from clustr_tf import data
+    from clustr_tf import training
 
     try:
         metrics = train_and_evaluate(config)
-    except (data.DatasetNotFoundError, ConfigError) as e:
+    except ConfigError as e:  # a flag value that cannot work (e.g. --init_checkpoint)
+        sys.stderr.write(f"main.py: error: {e}\n")
+        sys.exit(2)
+    except (data.DatasetNotFoundError, training.RestoreError) as e:
         sys.stderr.write(f"main.py: error: {e}\n")
         sys.exit(1)
     logging.info("Run directory: %s", config.model_dir)
