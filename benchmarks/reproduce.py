@@ -61,9 +61,16 @@ LABELS = {
     "cross_entropy": "cross-entropy",
     "clustr": "ClusTR, from scratch",
     "clustr_from_ce": "ClusTR, from the cross-entropy model",
-    "clustr_qtrades": "ClusTR+QTRADES (official term), from the cross-entropy model",
+    "clustr_qtrades": "ClusTR+QTRADES, the paper's term, from the cross-entropy model",
     "clustr_qtrades_kl": "ClusTR+QTRADES, KL term (not the paper's)",
     "pgd_at": "PGD-AT (Madry)",
+}
+# Where each fine-tuned method starts, by dataset (the table's "from" column).
+STARTS = {
+    "cifar10": {"clustr_from_ce": "cross-entropy, 10 epochs", "clustr_qtrades": "cross-entropy, 10 epochs",
+                "clustr_qtrades_kl": "ClusTR, 8 epochs"},
+    "digits": {"clustr_from_ce": "cross-entropy, 40 epochs", "clustr_qtrades": "cross-entropy, 40 epochs",
+               "clustr_qtrades_kl": "cross-entropy, 40 epochs"},
 }
 # PGD-7 epochs count 70 steps (a third of a pass): a full epoch costs about 13 CPU-minutes on
 # the reference machine (8 forward-backward passes a batch), too coarse for a budget checked
@@ -227,6 +234,7 @@ def _row(method, args):
     seconds_path = os.path.join(ROOT, run, "robustness.seconds")
     return {
         "label": LABELS[method],
+        "start": STARTS[args.dataset].get(method, "scratch"),
         "clean_accuracy": r["clean_accuracy"],
         "robust_accuracy_8_255": r["robust_accuracy"].get("8/255"),
         "robust_accuracy": r["robust_accuracy"],

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
 
@@ -94,9 +95,11 @@ class ResumeAfterKillTest(absltest.TestCase):
 
 
 class BadInputTest(parameterized.TestCase):
-    def _fails_with_one_line(self, args, *expected):
+    def _fails_with_one_line(self, args, *expected, status=None):
         out = _run(*args)
         self.assertNotEqual(out.returncode, 0)
+        if status is not None:
+            self.assertEqual(out.returncode, status, out.stderr[-2000:])
         self.assertNotIn("Traceback", out.stderr)
         last = out.stderr.strip().splitlines()[-1]
         self.assertTrue(last.startswith("main.py: error: "), out.stderr[-2000:])
@@ -135,6 +138,83 @@ class BadInputTest(parameterized.TestCase):
 
     def test_unexpected_argument(self):
         self._fails_with_one_line(["train"], "unexpected arguments: train")
+
+    def test_unknown_consistency_form(self):
+        tmp = _tempdir(self)
+        last = self._fails_with_one_line(["--consistency=trades", "--consistency_lambda=8", f"--model_dir={tmp}/run"],
+                                         "--consistency", "Received: 'trades'", status=2)
+        self.assertIn("official, kl", last)
+
+
+class InitCheckpointTest(absltest.TestCase):
+    """--init_checkpoint from a cross-entropy run, as the official ClusTR+QTRADES recipe starts."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tmp = tempfile.mkdtemp()
+        cls.source = os.path.join(cls.tmp, "xent")
+        out = _run("--method=cross_entropy", "--epochs=10", f"--model_dir={cls.source}", "--lr=1e-3")
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, True)
+        super().tearDownClass()
+
+    _fails_with_one_line = BadInputTest._fails_with_one_line
+
+    def test_starts_from_the_backbone_and_refreshes_the_clusters_first(self):
+        import keras
+
+        import clustr_tf  # noqa: F401: registers the models
+
+        run = os.path.join(_tempdir(self), "qtrades")
+        out = _run(f"--init_checkpoint={self.source}", "--consistency_lambda=8", "--epochs=1",
+                   "--steps_per_epoch=1", "--lr=1e-9", f"--model_dir={run}")
+        self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+        self.assertIn(f"Initialised the backbone from {self.source}/model.keras (SoftmaxClassifier)", out.stderr)
+        with open(os.path.join(run, "training_log.csv")) as fh:
+            first = next(csv.DictReader(fh))
+        # The first step already classifies its batch by centers of the copied features: the
+        # clusters were refreshed on them before it (random centers give about 10%).
+        self.assertGreater(float(first["nearest_center_accuracy"]), 0.8)
+        self.assertGreater(float(first["consistency_loss"]), 0.0)
+        source = keras.saving.load_model(os.path.join(self.source, "model.keras"))
+        model = keras.saving.load_model(os.path.join(run, "model.keras"))
+        self.assertEqual(type(model).__name__, "ClusTRModel")
+        # The trained weights carried over (lr 1e-9 barely moves them; batch-norm moving
+        # statistics move with every training pass, whatever the rate).
+        self.assertTrue(source.backbone.trainable_weights)
+        for a, b in zip(source.backbone.trainable_weights, model.backbone.trainable_weights):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+        with open(os.path.join(run, "config.json")) as fh:
+            self.assertEqual(json.load(fh)["consistency"], "official")
+
+    def test_a_backbone_that_does_not_fit(self):
+        tmp = _tempdir(self)
+        path = os.path.join(self.source, "model.keras")
+        last = self._fails_with_one_line(
+            [f"--init_checkpoint={path}", "--backbone=resnet18", "--width_multiplier=0.125", f"--model_dir={tmp}/r"],
+            "--init_checkpoint's backbone does not fit", f"Received: {path}", status=2)
+        self.assertIn("--width_multiplier", last)
+        self.assertTrue(os.path.exists(path))  # nothing was touched
+
+    def test_a_corrupt_or_missing_model(self):
+        tmp = _tempdir(self)
+        corrupt = os.path.join(tmp, "broken.keras")
+        with open(corrupt, "wb") as fh:
+            fh.write(b"not a zip")
+        self._fails_with_one_line([f"--init_checkpoint={corrupt}", f"--model_dir={tmp}/r"],
+                                  "--init_checkpoint cannot be loaded", f"Received: {corrupt}", status=2)
+        self.assertTrue(os.path.exists(corrupt))
+        empty = os.path.join(tmp, "unfinished_run")
+        os.makedirs(empty)
+        self._fails_with_one_line([f"--init_checkpoint={empty}", f"--model_dir={tmp}/r3"],
+                                  "--init_checkpoint must be a .keras model or a run directory holding model.keras",
+                                  status=2)
+        self._fails_with_one_line([f"--init_checkpoint={tmp}/nothing", f"--model_dir={tmp}/r5"],
+                                  "--init_checkpoint does not exist", status=2)
 
 
 class FlagTableTest(absltest.TestCase):

@@ -33,38 +33,89 @@ class UpdateReadmeTest(absltest.TestCase):
             "per_loss": {"8/255 margin": 0.12, "8/255 square": 0.2},
             "train": [{"epochs_trained": 3, "steps": 627, "train_cpu_seconds": 1850.0},
                       {"epochs_trained": 2, "steps": 418, "train_cpu_seconds": 1795.0}],
+            "start": "cross-entropy, 10 epochs",
+            "measured": {"date": "2026-12-01", "machine": {"cpu_model": "Zen 5"}},
         }
-        result = {"settings": {"width_multiplier": 0.25, "cpu_budget_minutes_per_method": 60,
+        older = {**method, "official_loss_exact": False, "start": "ClusTR, 8 epochs", "measured": {
+            "date": "2026-11-25", "machine": {"cpu_model": "the reference"}}}
+        result = {"settings": {"width_multiplier": 0.25, "budget": "reference epochs",
                                "optimizer": "Adam", "batch_size": 240, "num_examples": 1000},
-                  "machine": {"cpus": 2}, "data": "CIFAR-10", "date": "2026-11-25",
-                  "methods": {"clustr_qtrades": method}}
+                  "machine": {"cpus": 2}, "data": "CIFAR-10", "date": "2026-12-01", "dataset": "cifar10",
+                  "methods": {"clustr_qtrades": method, "clustr_qtrades_kl": older}}
         text = "\n".join(update_readme.reproduce(result))
-        self.assertIn("| ClusTR+QTRADES | 31 + 30 | 627 + 418 | 50.0% | 30.0% | **10.0%** | 0.0% | 40.0% | 20.0% | "
-                      "0.0% | failed: official_gap |", text)
+        self.assertIn("| **ClusTR+QTRADES, the paper's term** | cross-entropy, 10 epochs | 2026-12-01 | 31 + 30 | "
+                      "627 + 418 | 50.0% | 30.0% | **10.0%** | 0.0% | 40.0% | 20.0% | 0.0% | failed: official_gap |",
+                      text)
+        self.assertIn("| ClusTR+QTRADES, KL term (not the paper's) | ClusTR, 8 epochs | 2026-11-25 | 31 + 30 | "
+                      "627 + 418 | 50.0% | 30.0% | **10.0%** | 0.0% | 40.0% (†) |", text)
         self.assertIn("| PGD-AT (Madry) | not run yet |", text)
+        self.assertIn("Measured on: 2026-11-25, the reference; 2026-12-01, Zen 5.", text)
+        self.assertIn("(†) evaluated before `official`", text)
+        self.assertIn("ResNet-18 x0.25; budget: reference epochs", text)
 
-
-if __name__ == "__main__":
-    absltest.main()
-
-
-class ReproduceCollectTest(absltest.TestCase):
     def test_collect_writes_and_prints_the_result(self):
+        import subprocess
+        import sys
+        import tempfile
+
+        for dataset in ("cifar10", "digits"):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "reproduce.json")
+                run = subprocess.run(
+                    [sys.executable, os.path.join(ROOT, "benchmarks", "reproduce.py"), "--only=collect",
+                     f"--dataset={dataset}", f"--runs_dir={tmp}/runs", f"--out={out}"],
+                    capture_output=True, text=True, timeout=120)
+                self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+                with open(out) as fh:
+                    written = json.load(fh)
+            self.assertEqual(json.loads(run.stdout.strip().splitlines()[-1]), written)
+            self.assertEqual(written["methods"], {})  # nothing trained in an empty runs_dir
+            self.assertEqual(written["dataset"], dataset)
+            lines = update_readme.reproduce(written)
+            self.assertTrue(any("| ClusTR | not run yet |" in line for line in lines))
+            self.assertIn("reference machine" if dataset == "cifar10" else "40 epochs", written["settings"]["budget"])
+
+    def test_reproduce_keeps_rows_it_has_no_runs_for(self):
+        """A method whose runs are not in --runs_dir keeps its row (and when it was measured)
+        from the result file; the recipe's stages start the fine-tuned methods from the
+        cross-entropy model."""
         import subprocess
         import sys
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "reproduce.json")
+            with open(out, "w") as fh:
+                json.dump({"methods": {"pgd_at": {"clean_accuracy": 0.45, "measured": {"date": "2026-11-25"}}}}, fh)
             run = subprocess.run(
                 [sys.executable, os.path.join(ROOT, "benchmarks", "reproduce.py"), "--only=collect",
-                 f"--runs_dir={tmp}/runs", f"--out={out}"],
-                capture_output=True, text=True, timeout=120)
+                 f"--runs_dir={tmp}/runs", f"--out={out}"], capture_output=True, text=True, timeout=120)
             self.assertEqual(run.returncode, 0, run.stderr[-2000:])
             with open(out) as fh:
-                written = json.load(fh)
-        self.assertEqual(json.loads(run.stdout.strip().splitlines()[-1]), written)
-        self.assertEqual(written["methods"], {})  # nothing trained in an empty runs_dir
-        self.assertEqual(written["settings"]["cpu_budget_minutes_per_method"], 60.0)
-        lines = update_readme.reproduce(written)
-        self.assertTrue(any("| ClusTR | not run yet |" in line for line in lines))
+                self.assertEqual(json.load(fh)["methods"], {"pgd_at": {"clean_accuracy": 0.45,
+                                                                        "measured": {"date": "2026-11-25"}}})
+        spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "benchmarks", "reproduce.py"))
+        reproduce = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(reproduce)
+        args = reproduce.argparse.Namespace(dataset="cifar10", data_dir="d", width_multiplier=0.25, seed=0,
+                                            runs_dir="runs/r", budget_minutes=None)
+        stages = reproduce._stages(args)
+        half = stages["cross_entropy"][0]
+        for method in ("clustr_from_ce", "clustr_qtrades"):
+            first, second = stages[method]
+            self.assertEqual(first, half)
+            argv = reproduce._train_argv(args, second)
+            self.assertIn("--init_checkpoint=runs/r/cross_entropy_half", argv)
+            self.assertIn("--lr=1e-4", argv)
+        self.assertIn("--consistency_lambda=8", reproduce._train_argv(args, stages["clustr_qtrades"][1]))
+        self.assertIn("--consistency=kl", reproduce._train_argv(args, stages["clustr_qtrades_kl"][1]))
+        self.assertEqual(stages["cross_entropy"][1].continues, half)
+        self.assertEqual([reproduce._train_argv(args, s)[-2] for s in stages["cross_entropy"]],
+                         ["--epochs=10", "--epochs=20"])
+        args.budget_minutes = 60.0
+        self.assertIn("--cpu_budget_minutes=30", reproduce._train_argv(args, half))
+
+
+if __name__ == "__main__":
+    absltest.main()
+
