@@ -363,9 +363,9 @@ def run(f):
 
         @tf.function
         def attack(x):
-            return training.qtrades_perturbation(
-                q_model, x, q_config.consistency_eps, q_config.consistency_step,
-                tf.constant([0, 1], tf.int64),
+            return training.consistency_perturbation(
+                q_model, x, q_model(x, training=False), q_config.consistency, q_config.consistency_eps,
+                q_config.consistency_step, tf.constant([0, 1], tf.int64),
             )
 
         @tf.function
@@ -388,8 +388,9 @@ def run(f):
         breakdown["qtrades_step_minus_attack_s"] = round(q_step - breakdown["qtrades_attack_s"], 4)
         breakdown["note"] = (
             "forward_inference: model(x, training=False) on one batch; qtrades_attack: "
-            "training.qtrades_perturbation alone (clean forward + forward/backward to the "
-            "input); the rest of a QTRADES step is two training forwards (clean and "
+            "an inference forward of the clean batch (the official form's target comes from the "
+            "training forward instead) and training.consistency_perturbation (a forward and a "
+            "backward to the input); the rest of a QTRADES step is two training forwards (clean and "
             "adversarial) and their backward pass, vs one of each in a ClusTR step"
         )
         result["qtrades_breakdown"] = breakdown

@@ -63,11 +63,17 @@ class FeatureRadiusTest(parameterized.TestCase):
             own = centers[center_class == c]
             brute = np.inf
             for j in np.flatnonzero(center_class != c):
-                cons = {"type": "ineq",
-                        "fun": lambda y, j=j: ((y - own) ** 2).sum(-1) - ((y - centers[j]) ** 2).sum()}
-                res = optimize.minimize(lambda y: ((y - z) ** 2).sum(), centers[j], constraints=[cons],
-                                        method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
-                if res.success:
+                # {y: center j at least as near as every own center}, written as the
+                # half-spaces it is (2 y.(mu_j - mu_own) >= |mu_j|^2 - |mu_own|^2), solved by
+                # scipy's interior-point trust-constr (SLSQP from one start stopped at
+                # non-solutions on some CPUs' BLAS).
+                a = 2 * (centers[j] - own)
+                rhs = (centers[j] ** 2).sum() - (own ** 2).sum(-1)
+                res = optimize.minimize(lambda y: ((y - z) ** 2).sum(), centers[j], jac=lambda y: 2 * (y - z),
+                                        hess=lambda y: 2 * np.eye(len(z)), method="trust-constr",
+                                        constraints=[optimize.LinearConstraint(a, rhs, np.inf)],
+                                        options={"gtol": 1e-12, "xtol": 1e-12, "maxiter": 5000})
+                if (a @ res.x - rhs).min() >= -1e-7:
                     brute = min(brute, np.sqrt(res.fun))
             self.assertAlmostEqual(e, brute, delta=1e-5 * max(1.0, brute))
             self.assertGreaterEqual(e, b - 1e-5)  # the theorem's bound is a lower bound
