@@ -44,10 +44,10 @@ class UpdateReadmeTest(absltest.TestCase):
                   "methods": {"clustr_qtrades": method, "clustr_qtrades_kl": older}}
         text = "\n".join(update_readme.reproduce(result))
         self.assertIn("| **ClusTR+QTRADES, the paper's term** | cross-entropy, 10 epochs | 2026-12-01 | 31 + 30 | "
-                      "627 + 418 | 50.0% | 30.0% | **10.0%** | 0.0% | 40.0% | 20.0% | 0.0% | failed: official_gap |",
+                      "627 + 418 | 50.0% | 30.0% | **10.0%** | 0.0% | n/a | 40.0% | 20.0% | 0.0% | failed: official_gap |",
                       text)
         self.assertIn("| ClusTR+QTRADES, KL term (not the paper's) | ClusTR, 8 epochs | 2026-11-25 | 31 + 30 | "
-                      "627 + 418 | 50.0% | 30.0% | **10.0%** | 0.0% | 40.0% (†) |", text)
+                      "627 + 418 | 50.0% | 30.0% | **10.0%** | 0.0% | n/a | 40.0% (†) |", text)
         self.assertIn("| PGD-AT (Madry) | not run yet |", text)
         self.assertIn("Measured on: 2026-11-25, the reference; 2026-12-01, Zen 5.", text)
         self.assertIn("(†) evaluated before `official`", text)
