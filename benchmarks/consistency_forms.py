@@ -59,6 +59,8 @@ def main():
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "dataset": "digits",
+        "start_epochs": args.start_epochs,
+        "epochs": args.epochs,
         "start": start,
         "runs": runs,
         "clean_accuracy": {form: [r["clean_accuracy"] for r in runs[form]] for form in FORMS},

@@ -57,7 +57,7 @@ def main():
         "name": args.name,
         "date": time.strftime("%Y-%m-%d"),
         "run": {k: run_config.get(k) for k in ("dataset", "backbone", "width_multiplier", "epochs", "k", "L",
-                                                 "eval_L", "consistency_lambda", "xent_lambda")},
+                                                 "eval_L", "consistency_lambda", "consistency", "xent_lambda")},
         "train_command": train_command,
         "command": "python " + " ".join(command[1:]),
         "wall_seconds": wall,

@@ -195,8 +195,8 @@ def consistency_forms(r):
     pct = lambda values: ", ".join(f"{100 * v:.1f}%" for v in values)  # noqa: E731
     seeds = ", ".join(str(x["seed"]) for x in r["runs"]["official"])
     return [
-        f"`{r['command']}` ({r['date']}): ClusTR on digits for {r['start']['command'].split('--epochs=')[1].split()[0]}"
-        f" epochs, {100 * r['start']['clean_accuracy']:.1f}% clean, then 25 epochs of ClusTR+QTRADES (lambda 8, "
+        f"`{r['command']}` ({r['date']}): ClusTR on digits for {r['start_epochs']} epochs, "
+        f"{100 * r['start']['clean_accuracy']:.1f}% clean, then {r['epochs']} epochs of ClusTR+QTRADES (lambda 8, "
         f"Adam 1e-4), seeds {seeds}:",
         "",
         "| consistency term | clean accuracy after |",
