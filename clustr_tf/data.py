@@ -8,10 +8,13 @@ binary trains ("train") and evaluates ("test") on:
   official split: a fixed, seeded, stratified 80/20 split gives 1,437 training
   and 360 test images.
 - `cifar10`, `cifar100`, `svhn`: through tensorflow-datasets (`svhn` is TFDS's
-  `svhn_cropped`). When the data is neither in `data_dir` nor downloadable a
-  `DatasetNotFoundError` says so and how to point `--data_dir` at it.
-  When `data_dir` is an image folder (below), the images are read from it
-  instead, offline, and class folders are named as in `CLASS_NAMES`.
+  `svhn_cropped`), downloaded from the publishers or from a `Mirror`. When the
+  data is neither in `data_dir` nor downloadable a `DatasetNotFoundError` says
+  so and how to point `--data_dir` at it. When `data_dir` is (or holds) an
+  original release (`clustr_tf.releases`: CIFAR's python or binary tarballs or
+  their extracted folders, SVHN's .mat files) or an image folder (below), the
+  images are read from it instead, offline; image-folder classes are named as
+  in `CLASS_NAMES`.
 - `image_folder`: a user's own images in an image folder; `data_dir` is
   required. Classes are the sorted class-folder names of the train split,
   the image shape is the first training image's, and `info`'s mean/std are
@@ -39,14 +42,20 @@ A new kind of source is added by writing its loader functions and one
 import dataclasses
 import difflib
 import os
+import posixpath
 import re
+import shutil
 import tarfile
 import types
+import urllib.parse
+import urllib.request
 import zlib
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from clustr_tf import releases
 
 # The fixed datasets (also the names the training binary's table lists).
 DATASETS = ("digits", "cifar10", "cifar100", "svhn")
@@ -106,6 +115,30 @@ _DECODE_BATCH = 1024
 
 class DatasetNotFoundError(RuntimeError):
     """Raised when a dataset is neither on disk nor downloadable."""
+
+
+# A file that exists but cannot be read (a ValueError; the message names the file).
+CorruptDatasetError = releases.CorruptDatasetError
+
+
+@dataclasses.dataclass(frozen=True)
+class Mirror:
+    """Where TFDS downloads a dataset's original files from, instead of their publishers.
+
+    Each file TFDS's builder asks for (e.g. `cifar-10-binary.tar.gz`) is fetched from
+    `url + "/" + its file name` by TFDS's own downloader, then verified (size and sha256)
+    against TFDS's registered checksum of the original file, extracted and prepared by
+    TFDS as usual: a mirror cannot serve other data.
+
+    Attributes:
+        url: the mirror's base URL (http, https or ftp).
+        checksums: optional `{file name: (size in bytes, sha256 hex digest)}` for files
+            TFDS has no checksum for (your own builds of the files, tests); they replace
+            the registered ones for those names.
+    """
+
+    url: str
+    checksums: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,9 +222,9 @@ def _to_unit_float(image, label):
 # --------------------------------------------------------------------------
 
 
-def _digits_arrays(split, data_dir=None, download=True, dtype="float32"):
-    """Digits split as numpy arrays; `data_dir` and `download` are unused."""
-    del data_dir, download  # The data ships with scikit-learn.
+def _digits_arrays(split, data_dir=None, download=True, dtype="float32", mirror=None):
+    """Digits split as numpy arrays; `data_dir`, `download` and `mirror` are unused."""
+    del data_dir, download, mirror  # The data ships with scikit-learn.
     del dtype  # Only float32: `load_arrays` rejects uint8 for digits.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -210,7 +243,7 @@ def _digits_arrays(split, data_dir=None, download=True, dtype="float32"):
     return images, labels[idx]
 
 
-def _digits_dataset(split, data_dir=None, download=True):
+def _digits_dataset(split, data_dir=None, download=True, mirror=None):
     images, labels = _digits_arrays(split, data_dir, download)
     return tf.data.Dataset.from_tensor_slices((images, labels))
 
@@ -411,7 +444,7 @@ def _list_archive(path, read_split):
                         source = None
                 classes.setdefault(cls, {})[fname] = source
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise ValueError(
+        raise CorruptDatasetError(
             f"Could not read the archive {path} ({type(e).__name__}: {e}). "
             "Expected a .tar, .tar.gz or .tgz archive."
         ) from e
@@ -667,8 +700,8 @@ def _require_image_folder(data_dir):
     return location
 
 
-def _image_folder_arrays(split, data_dir=None, download=True, dtype="float32"):
-    del download  # Nothing to download.
+def _image_folder_arrays(split, data_dir=None, download=True, dtype="float32", mirror=None):
+    del download, mirror  # Nothing to download.
     location = _require_image_folder(data_dir)
     images, labels, _, _ = _read_image_folder(
         IMAGE_FOLDER, location, split, None, None
@@ -676,7 +709,7 @@ def _image_folder_arrays(split, data_dir=None, download=True, dtype="float32"):
     return _from_uint8(images, dtype), labels
 
 
-def _image_folder_dataset(split, data_dir=None, download=True):
+def _image_folder_dataset(split, data_dir=None, download=True, mirror=None):
     images, labels = _image_folder_arrays(split, data_dir, download, "uint8")
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
     return ds.map(_to_unit_float, num_parallel_calls=tf.data.AUTOTUNE)
@@ -702,36 +735,138 @@ def _image_folder_class_names(data_dir):
 # --------------------------------------------------------------------------
 
 
-def _tfds_builder(name, tfds_name, data_dir, download):
+def _one_line(error, limit=400):
+    """`Type: message` of an exception on one line (TFDS's messages span several)."""
+    text = " ".join(str(error).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _as_mirror(mirror):
+    if mirror is None or isinstance(mirror, Mirror):
+        return mirror
+    if isinstance(mirror, str) and mirror:
+        return Mirror(mirror)
+    raise ValueError(f"`mirror` must be a URL or a `Mirror`. Received: {mirror!r}")
+
+
+def _file_name(url):
+    return posixpath.basename(urllib.parse.urlparse(url).path)
+
+
+class _MirroredDownloads:
+    """The download manager a builder's `_split_generators` sees: the same TFDS
+    `DownloadManager`, with every URL replaced by the mirror's copy of its file."""
+
+    def __init__(self, manager, rewrite):
+        self._manager = manager
+        self._rewrite = rewrite
+
+    def __getattr__(self, name):
+        return getattr(self._manager, name)
+
+    def _urls(self, tree):
+        if isinstance(tree, str):
+            return self._rewrite(tree)
+        if isinstance(tree, dict):
+            return {k: self._urls(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self._urls(v) for v in tree)
+        return tree  # a tfds.download.Resource or a path: left as it is
+
+    def download(self, url_or_urls):
+        return self._manager.download(self._urls(url_or_urls))
+
+    def download_and_extract(self, url_or_urls):
+        return self._manager.download_and_extract(self._urls(url_or_urls))
+
+
+def _mirrored_builder(tfds_name, data_dir, mirror):
+    """A TFDS builder of `tfds_name` (same name, version and data folder) whose files come
+    from `mirror`, each checked against the registered checksum of its original."""
+    from tensorflow_datasets.core.download import checksums as tfds_checksums
+
+    base = tfds.builder_cls(tfds_name)
+    root = mirror.url.rstrip("/")
+
+    def rewrite(url):
+        return f"{root}/{_file_name(url)}"
+
+    registered = dict(base.url_infos or {})
+    infos = {rewrite(url): info for url, info in registered.items()}
+    for name, (size, sha256) in (mirror.checksums or {}).items():
+        infos[f"{root}/{name}"] = tfds_checksums.UrlInfo(size=int(size), checksum=str(sha256), filename=name)
+
+    class MirroredBuilder(base, skip_registration=True):
+        name = base.name
+        url_infos = infos
+
+        def _split_generators(self, dl_manager, *args, **kwargs):
+            return super()._split_generators(_MirroredDownloads(dl_manager, rewrite), *args, **kwargs)
+
+    return MirroredBuilder(data_dir=data_dir), sorted(infos)
+
+
+def _check_mirror(urls, timeout=10):
+    """Fails fast, with the URL, when the mirror does not serve a file (TFDS's downloader
+    retries a refused connection for minutes)."""
+    for url in urls:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+                pass
+        except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+            raise OSError(f"the mirror does not serve {url} ({_one_line(e)})") from None
+
+
+def _tfds_builder(name, tfds_name, data_dir, download, mirror=None):
     """Returns a prepared TFDS builder or raises `DatasetNotFoundError`."""
+    mirror = _as_mirror(mirror)
     where = data_dir if data_dir is not None else "the default TFDS data_dir"
     hint = (
         f"Pass --data_dir=DIR (data_dir=DIR in Python) where DIR holds the "
         f"prepared TFDS dataset '{tfds_name}' (e.g. made with "
         f"`tfds build {tfds_name} --data_dir=DIR` on a machine with network "
-        "access) or the images in split/class/image layout (a folder or a "
-        ".tar.gz), or allow the download."
+        "access), the original release files, or the images in split/class/image "
+        "layout (a folder or a .tar.gz), or allow the download."
     )
     try:
-        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        if mirror is None:
+            builder, urls = tfds.builder(tfds_name, data_dir=data_dir), []
+        else:
+            builder, urls = _mirrored_builder(tfds_name, data_dir, mirror)
         if builder.is_prepared():
             return builder
     except Exception as e:  # TFDS raises assorted errors for bad folders.
         raise DatasetNotFoundError(
             f"Dataset '{name}' could not be found or downloaded: reading "
-            f"{where} failed ({type(e).__name__}: {e}). {hint}"
+            f"{where} failed ({_one_line(e)}). {hint}"
         ) from e
     if not download:
         raise DatasetNotFoundError(
             f"Dataset '{name}' could not be found or downloaded: it is not "
             f"in {where} and downloading is disabled. {hint}"
         )
+    root = getattr(builder, "data_dir_root", None)
+    downloads = os.path.join(os.fspath(root), "downloads") if root is not None else None
+    before = set(os.listdir(downloads)) if downloads and os.path.isdir(downloads) else set()
+    source = f" from {mirror.url}" if mirror else ""
     try:
-        builder.download_and_prepare()
+        if mirror is not None:
+            _check_mirror(urls)
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(force_checksums_validation=True))
+        else:
+            builder.download_and_prepare()
     except Exception as e:  # Network, disk and checksum errors alike.
+        # TFDS writes the dataset into an "incomplete" folder it renames when done, so
+        # nothing here looks prepared; the download's temporary files of this attempt go.
+        if downloads and os.path.isdir(downloads):
+            for entry in set(os.listdir(downloads)) - before:
+                if ".tmp." in entry:
+                    shutil.rmtree(os.path.join(downloads, entry), ignore_errors=True)
         raise DatasetNotFoundError(
             f"Dataset '{name}' could not be found or downloaded: it is not "
-            f"in {where} and the download failed ({type(e).__name__}: {e}). "
+            f"in {where} and the download{source} failed ({_one_line(e)}). "
             f"{hint}"
         ) from e
     return builder
@@ -740,31 +875,36 @@ def _tfds_builder(name, tfds_name, data_dir, download):
 def _make_tfds_loaders(name, tfds_name, image_shape):
     """Returns the `(load_dataset, load_arrays)` pair of a TFDS dataset."""
 
-    def folder_arrays(location, split):
-        images, labels, _, _ = _read_image_folder(
-            name, location, split, CLASS_NAMES[name], image_shape
-        )
-        return images, labels
-
-    def load_dataset(split, data_dir=None, download=True):
+    def local_arrays(data_dir, split):
+        """The split from an original release or an image folder at `data_dir`, or None."""
+        release = releases.find(name, data_dir)
+        if release is not None:
+            return releases.read(release, split)
         location = _locate_image_folder(data_dir)
         if location is not None:
-            ds = tf.data.Dataset.from_tensor_slices(
-                folder_arrays(location, split)
+            images, labels, _, _ = _read_image_folder(
+                name, location, split, CLASS_NAMES[name], image_shape
             )
+            return images, labels
+        return None
+
+    def load_dataset(split, data_dir=None, download=True, mirror=None):
+        arrays = local_arrays(data_dir, split)
+        if arrays is not None:
+            ds = tf.data.Dataset.from_tensor_slices(arrays)
         else:
-            builder = _tfds_builder(name, tfds_name, data_dir, download)
+            builder = _tfds_builder(name, tfds_name, data_dir, download, mirror)
             ds = builder.as_dataset(
                 split=split, as_supervised=True, shuffle_files=False
             )
         return ds.map(_to_unit_float, num_parallel_calls=tf.data.AUTOTUNE)
 
-    def load_arrays(split, data_dir=None, download=True, dtype="float32"):
-        location = _locate_image_folder(data_dir)
-        if location is not None:
-            images, labels = folder_arrays(location, split)
+    def load_arrays(split, data_dir=None, download=True, dtype="float32", mirror=None):
+        arrays = local_arrays(data_dir, split)
+        if arrays is not None:
+            images, labels = arrays
         else:
-            builder = _tfds_builder(name, tfds_name, data_dir, download)
+            builder = _tfds_builder(name, tfds_name, data_dir, download, mirror)
             images, labels = tfds.as_numpy(
                 builder.as_dataset(
                     split=split, as_supervised=True, batch_size=-1
@@ -922,7 +1062,7 @@ def class_names(name, data_dir=None):
     return tuple(_source(name).class_names(data_dir))
 
 
-def load(name, split, data_dir=None, download=True):
+def load(name, split, data_dir=None, download=True, mirror=None):
     """Loads a dataset split as an unbatched `tf.data.Dataset`.
 
     The order of the examples is deterministic (no shuffling here). Images
@@ -934,13 +1074,18 @@ def load(name, split, data_dir=None, download=True):
         name: one of `ALL_DATASETS`.
         split: "train" or "test": the splits the training binary trains and
             evaluates on.
-        data_dir: for `cifar10`, `cifar100` and `svhn`: an image folder (a
-            folder or `.tar`/`.tar.gz`/`.tgz` archive in split/class/image
-            layout, class folders named as in `CLASS_NAMES`), else where TFDS
-            datasets live (TFDS's default when None). Required by
-            `image_folder`. Unused by `digits`, which ships with scikit-learn.
+        data_dir: for `cifar10`, `cifar100` and `svhn`: an original release
+            (`clustr_tf.releases`: CIFAR's python or binary tarball or its
+            extracted folder, SVHN's .mat files; or a folder holding one), an
+            image folder (a folder or `.tar`/`.tar.gz`/`.tgz` archive in
+            split/class/image layout, class folders named as in
+            `CLASS_NAMES`), else where TFDS datasets live (TFDS's default when
+            None). Required by `image_folder`. Unused by `digits`, which ships
+            with scikit-learn.
         download: whether a TFDS dataset missing from `data_dir` may be
             downloaded and prepared there. Unused by image folders.
+        mirror: None (TFDS downloads from the publishers' sites), or a
+            `Mirror` (or its URL) to download the original files from.
 
     Returns:
         A `tf.data.Dataset` of `(image, label)`: image float32 `[H, W, C]` in
@@ -951,6 +1096,8 @@ def load(name, split, data_dir=None, download=True):
             split folder is missing or empty, a class folder has an unknown
             name, an image cannot be decoded or has another shape (the
             message names the file), or the layout is wrong.
+        CorruptDatasetError (a ValueError): a file that exists but cannot be
+            read (a truncated or corrupt archive, release or .mat file).
         DatasetNotFoundError: if the data is not in `data_dir` and cannot be
             downloaded, or `data_dir` names a missing archive.
 
@@ -960,10 +1107,10 @@ def load(name, split, data_dir=None, download=True):
     >>> ds.element_spec[0].shape
     TensorShape([8, 8, 1])
     """
-    return _source(name, split).load_dataset(split, data_dir, download)
+    return _source(name, split).load_dataset(split, data_dir, download, mirror=mirror)
 
 
-def load_arrays(name, split, data_dir=None, download=True, dtype="float32"):
+def load_arrays(name, split, data_dir=None, download=True, dtype="float32", mirror=None):
     """Loads a dataset split into memory as numpy arrays.
 
     Same examples, in the same order, as `load(name, split, data_dir)`.
@@ -978,6 +1125,7 @@ def load_arrays(name, split, data_dir=None, download=True, dtype="float32"):
             pixels in [0, 255] of an 8-bit dataset (every dataset but
             `digits`), a quarter of the memory; `image / 255` gives the
             float32 pixels exactly. `np.float32`/`np.uint8` are accepted too.
+        mirror: as in `load`.
 
     Returns:
         `(images, labels)`: images `[N, H, W, C]` (float32 in [0, 1] or uint8
@@ -1001,7 +1149,7 @@ def load_arrays(name, split, data_dir=None, download=True, dtype="float32"):
             f"`dtype='uint8'` needs 8-bit images, but dataset '{name}' has "
             "pixels 0..16 / 16. Use dtype='float32'. Received: dtype='uint8'"
         )
-    return source.load_arrays(split, data_dir, download, dtype)
+    return source.load_arrays(split, data_dir, download, dtype, mirror=mirror)
 
 
 def random_crop_and_flip(images, seed, padding=CROP_PADDING):

@@ -45,6 +45,8 @@ def define_flags():
     )
     flags.DEFINE_string("data_dir", None, "Where datasets live (TFDS data_dir).")
     flags.DEFINE_bool("download", True, "Download a TFDS dataset missing from --data_dir.")
+    flags.DEFINE_string("data_mirror", None, "Download the original release files from this URL (URL/<file name>) "
+                        "instead of their publishers' sites; each must match TFDS's registered checksum.")
     flags.DEFINE_string("model_dir", None, "Run directory. Default: runs/<dataset>-<time>.")
     flags.DEFINE_string("backbone", "auto", "convnet, resnet18, or auto (convnet for digits).")
     flags.DEFINE_float("width_multiplier", 1.0, "ResNet-18 width multiplier.")
@@ -138,6 +140,7 @@ class Config:
     dataset: str
     data_dir: str | None
     download: bool
+    data_mirror: str | None
     model_dir: str
     backbone: str
     width_multiplier: float
@@ -281,6 +284,8 @@ def config_from_flags(f):
     for name in ("time_budget_minutes", "cpu_budget_minutes"):
         if getattr(f, name) is not None and not getattr(f, name) > 0:
             raise ConfigError(f"--{name} must be > 0. Received: {getattr(f, name)}")
+    if f.data_mirror is not None and not f.data_mirror.startswith(("http://", "https://", "ftp://")):
+        raise ConfigError(f"--data_mirror must be an http, https or ftp URL. Received: {f.data_mirror!r}")
     if f.batch_size is not None and f.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1. Received: {f.batch_size}")
     if not 0 < f.pgd_step <= f.pgd_eps <= 255 or f.pgd_iterations < 1:
@@ -330,6 +335,7 @@ def config_from_flags(f):
         dataset=f.dataset,
         data_dir=f.data_dir,
         download=f.download,
+        data_mirror=f.data_mirror,
         model_dir=model_dir,
         backbone=f.backbone,
         width_multiplier=f.width_multiplier,
@@ -462,7 +468,7 @@ def train_and_evaluate(config):
     info = data.info(config.dataset, data_dir=config.data_dir)
     images, labels = data.load_arrays(
         config.dataset, "train", data_dir=config.data_dir, download=config.download,
-        dtype="float32" if config.dataset == "digits" else "uint8",
+        dtype="float32" if config.dataset == "digits" else "uint8", mirror=config.data_mirror,
     )
     logging.info("%s: %d training images of shape %s", config.dataset, len(images), images.shape[1:])
     if config.method == "clustr":
@@ -494,7 +500,8 @@ def train_and_evaluate(config):
             optimizer = keras.optimizers.Adam(learning_rate, **decay)
         if config.mixed_precision:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    test = data.load(config.dataset, "test", data_dir=config.data_dir, download=config.download)
+    test = data.load(config.dataset, "test", data_dir=config.data_dir, download=config.download,
+                     mirror=config.data_mirror)
     trainer = training.Trainer(
         model, optimizer, sampler, strategy, config.model_dir,
         training.TrainConfig(
@@ -583,7 +590,7 @@ def main(argv):
     except ConfigError as e:  # a flag value that cannot work (e.g. --init_checkpoint)
         sys.stderr.write(f"main.py: error: {e}\n")
         sys.exit(2)
-    except (data.DatasetNotFoundError, training.RestoreError) as e:
+    except (data.DatasetNotFoundError, data.CorruptDatasetError, training.RestoreError) as e:
         sys.stderr.write(f"main.py: error: {e}\n")
         sys.exit(1)
     logging.info("Run directory: %s", config.model_dir)
