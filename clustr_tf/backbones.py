@@ -24,6 +24,8 @@ import numbers
 
 import keras
 
+from clustr_tf import checks
+
 BACKBONES = ("resnet18", "convnet")
 
 DEFAULT_MEAN = 0.5
@@ -272,15 +274,8 @@ def small_convnet(
     (None, 32)
     """
     input_shape = _validate_input_shape(input_shape)
-    for arg_name, value in (("width", width), ("embedding_dim", embedding_dim)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Integral)
-            or value < 1
-        ):
-            raise ValueError(
-                f"`{arg_name}` must be an integer >= 1. Received: {value!r}"
-            )
+    checks.positive_int("width", width)
+    checks.positive_int("embedding_dim", embedding_dim)
 
     inputs = keras.Input(shape=input_shape, name="images")
     x = _normalization(inputs, mean, std)

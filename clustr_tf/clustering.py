@@ -14,6 +14,8 @@ import tensorflow as tf
 from absl import logging
 from sklearn.cluster import KMeans
 
+from clustr_tf import checks
+
 
 def kmeans_per_class(features, labels, num_classes, clusters_per_class, seed=0, n_init=3):
     """Clusters each class's features into `clusters_per_class` groups with k-means++.
@@ -202,8 +204,7 @@ class ClusterRefresh(keras.callbacks.Callback):
         super().__init__()
         if sampler is None and (images is None or labels is None):
             raise ValueError("ClusterRefresh needs a `sampler`, or both `images` and `labels`")
-        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
-            raise ValueError(f"`frequency` must be an integer >= 1. Received: {frequency!r}")
+        checks.positive_int("frequency", frequency)
         self.sampler = sampler
         self.images = sampler.images if sampler is not None else images
         self.labels = np.asarray(sampler.labels if sampler is not None else labels).reshape(-1)

@@ -13,6 +13,7 @@ of the nearest center.
 import keras
 import tensorflow as tf
 
+from clustr_tf import checks
 from clustr_tf import ops
 
 # A class with no cluster among the L nearest has soft-kNC score 0. Its logit is set to
@@ -20,11 +21,6 @@ from clustr_tf import ops
 # e^-100 of that cluster's (0 in float32 after normalisation), yet finite, so losses,
 # attacks and their gradients stay defined.
 _ABSENT_CLASS_GAP = 100.0
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1. Received: {value!r}")
 
 
 @keras.saving.register_keras_serializable(package="clustr_tf")
@@ -78,11 +74,11 @@ class ClusterCenters(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("clusters_per_class", clusters_per_class)
+        checks.positive_int("num_classes", num_classes)
+        checks.positive_int("clusters_per_class", clusters_per_class)
         num_clusters = num_classes * clusters_per_class
         if neighbours is not None:
-            _check_positive_int("neighbours", neighbours)
+            checks.positive_int("neighbours", neighbours)
             if neighbours > num_clusters:
                 raise ValueError(
                     "`neighbours` (L) must be at most the number of clusters "

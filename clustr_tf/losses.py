@@ -33,6 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from clustr_tf import checks
 from clustr_tf import ops
 
 # The variance is floored here so that a batch whose features all coincide gives a finite
@@ -204,10 +205,7 @@ class MagnetLoss(keras.losses.Loss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        if isinstance(clusters_per_class, bool) or not isinstance(clusters_per_class, int) or clusters_per_class < 1:
-            raise ValueError(
-                f"`clusters_per_class` must be an integer >= 1. Received: {clusters_per_class!r}"
-            )
+        checks.positive_int("clusters_per_class", clusters_per_class)
         if not alpha >= 0:
             raise ValueError(f"`alpha` must be >= 0. Received: {alpha!r}")
         _check_epsilon(epsilon)

@@ -29,10 +29,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1. Received: {value!r}")
+from clustr_tf import checks
 
 
 def _initial_assignments(labels, num_classes, clusters_per_class):
@@ -154,12 +151,10 @@ class NeighbourhoodSampler:
     """
 
     def __init__(self, images, labels, num_classes, clusters_per_class=2, m=12, d=20, seed=0):
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("clusters_per_class", clusters_per_class)
-        _check_positive_int("m", m)
-        _check_positive_int("d", d)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"`seed` must be an integer. Received: {seed!r}")
+        for name, value in (("num_classes", num_classes), ("clusters_per_class", clusters_per_class), ("m", m),
+                            ("d", d)):
+            checks.positive_int(name, value)
+        checks.integer("seed", seed)
         max_m = (num_classes - 1) * clusters_per_class + 1
         if m > max_m:
             raise ValueError(
