@@ -32,6 +32,8 @@ import numpy as np
 import tensorflow as tf
 from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
+from clustr_tf import models
+
 
 def _official(labels, logits):
     # logits are log S; exp gives S itself (0, to float rounding, for a class with no
@@ -61,13 +63,13 @@ LOSSES = {"official": _official, "logits": _cross_entropy, "margin": _margin}
 def loss_function(name, model):
     """The attack loss `name` for `model`, a function `(labels, logits) -> [B]`.
 
-    For a model with cluster centers (logits are log-scores) this is `LOSSES[name]`. A
-    model without them (a softmax classifier) has logits for raw scores, so the official
-    loss, cross-entropy with the raw scores as logits, is plain cross-entropy there.
+    For a model whose logits are log-scores (`model.logits_are_log_scores`: ClusTR) this is
+    `LOSSES[name]`. A softmax classifier's logits are its raw scores, so the official loss,
+    cross-entropy with the raw scores as logits, is plain cross-entropy there.
     """
     if name not in LOSSES:
         raise ValueError(f"Unknown attack loss. Expected one of {', '.join(LOSSES)}. Received: {name!r}")
-    if name == "official" and getattr(model, "cluster_centers", None) is None:
+    if name == "official" and not getattr(model, "logits_are_log_scores", False):  # any Keras classifier
         return _cross_entropy
     return LOSSES[name]
 
@@ -76,16 +78,14 @@ def logits_function(model, neighbours=None):
     """`model_fn(images) -> class logits` for a model, in inference mode; reuse it.
 
     Args:
-        model: a `ClusTRModel` (or any model returning class logits).
+        model: a `models.Classifier` (its `class_logits`), or any Keras model returning
+            class logits.
         neighbours: for a ClusTR model, L of the soft-kNC rule under attack (the official
             evaluation uses 20); default: the model's own.
     """
-    layer = getattr(model, "cluster_centers", None)
-    if neighbours is None or layer is None:
+    if not isinstance(model, models.Classifier):  # any other Keras model returning logits
         return lambda images: model(images, training=False)
-    return lambda images: layer.logits_from_distances(
-        layer.squared_distances(model.embed(images, training=False)), neighbours
-    )
+    return lambda images: model.class_logits(images, neighbours)
 
 
 def pgd(model_fn, images, labels, eps, step, iterations, norm=np.inf, loss="margin",

@@ -12,11 +12,15 @@ Reference:
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
+
+from clustr_tf import certify
+from clustr_tf import models
 
 
 @keras.saving.register_keras_serializable(package="clustr_tf")
-class SoftmaxClassifier(keras.Model):
+class SoftmaxClassifier(models.Classifier):
     """A backbone with a linear (dense) head: class logits from features.
 
     Args:
@@ -54,9 +58,26 @@ class SoftmaxClassifier(keras.Model):
     def call(self, inputs, training=False):
         return self.head(self.backbone(inputs, training=training))
 
-    def embed(self, inputs, training=False):
-        """float tensor [batch, D]: the backbone's features."""
-        return self.backbone(inputs, training=training)
+    # ---- the Classifier interface (models.Classifier) ------------------------------------
+
+    certified_rule = "linear head"
+
+    def logits_from_features(self, features, neighbours=None):
+        """The head's logits (there is no L: `neighbours` is ignored)."""
+        del neighbours
+        return tf.cast(self.head(features), tf.float32)
+
+    def decisions_from_features(self, features, neighbours=None):
+        """Both rules are the head's argmax."""
+        classes = tf.argmax(self.logits_from_features(features), axis=-1)
+        return classes, classes
+
+    def certify_features(self, features):
+        """float64 `(feature_radius, classes, runner_up)` of the linear head
+        (`certify.linear_feature_radius`, exact)."""
+        kernel, bias = (v.numpy().astype(np.float64) for v in (self.head.kernel, self.head.bias))
+        radius, classes, runner_up = certify.linear_feature_radius(np.asarray(features, np.float64), kernel, bias)
+        return radius.numpy(), classes.numpy(), runner_up.numpy()
 
     def get_config(self):
         return {

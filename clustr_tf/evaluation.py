@@ -53,8 +53,8 @@ def evaluate_robustness(model, images, labels, config, progress=None):
     """Attacks and certifies a ClusTR model on (images, labels).
 
     Args:
-        model: a `ClusTRModel` (certified: the nearest-center rule), or a
-            `baselines.SoftmaxClassifier` (certified: its linear head).
+        model: a `models.Classifier`: a `ClusTRModel` (certified: the nearest-center
+            rule), or a `baselines.SoftmaxClassifier` (certified: its linear head).
         images: float array [N, H, W, C] in [0, 1].
         labels: int array [N].
         config: `EvalConfig`.
@@ -83,27 +83,17 @@ def evaluate_robustness(model, images, labels, config, progress=None):
     model_fn = attacks.logits_function(model, config.neighbours)
     n = len(labels)
     batches = [slice(i, min(i + config.batch_size, n)) for i in range(0, n, config.batch_size)]
-    layer = getattr(model, "cluster_centers", None)
 
     # One backbone pass gives the clean decisions (the same logits model_fn gives) and
-    # the certificate: of the nearest-center rule for ClusTR, of the linear head for a
-    # baseline (`baselines.SoftmaxClassifier`).
+    # the certificate of the model's certified rule (`models.Classifier`): the nearest
+    # center for ClusTR, the linear head for a baseline.
     features = np.concatenate([model.embed(images[b], training=False).numpy() for b in batches])
-    if layer is not None:
-        logits = layer.logits_from_distances(
-            layer.squared_distances(features), config.neighbours
-        ).numpy()
-        radius_f, classes, _ = certify.feature_radius(
-            features.astype(np.float64), layer.centers.numpy().astype(np.float64), layer.clusters_per_class
-        )
-    else:
-        kernel, bias = (v.numpy().astype(np.float64) for v in (model.head.kernel, model.head.bias))
-        logits = features.astype(np.float64) @ kernel + bias
-        radius_f, classes, _ = certify.linear_feature_radius(features.astype(np.float64), kernel, bias)
+    logits = np.concatenate([model.logits_from_features(features[b], config.neighbours).numpy() for b in batches])
+    radius_f, classes, _ = model.certify_features(features)
     clean = logits.argmax(1) == labels
     bound = lipschitz.model_bound(model.backbone)
-    radii = certify.certified_radius(radius_f.numpy(), bound)
-    certified_correct = classes.numpy() == labels
+    radii = certify.certified_radius(radius_f, bound)
+    certified_correct = classes == labels
 
     unbounded = config.unbounded_check and not any(e >= 1.0 for e in config.linf_eps)
     runs = [("inf", e, loss, config.iterations, config.step) for e in config.linf_eps for loss in config.losses]
@@ -187,7 +177,8 @@ def evaluate_robustness(model, images, labels, config, progress=None):
     return {
         "num_examples": n,
         "clean_accuracy": float(clean.mean()),
-        "nearest_center_accuracy": float(certified_correct.mean()) if layer is not None else None,
+        "nearest_center_accuracy": (float(certified_correct.mean()) if model.certified_rule == "nearest center"
+                                    else None),
         "attacks": results,
         "robust_accuracy": {_eps_key(e): float(worst[("inf", e)].mean()) for e in linf},
         "robust_accuracy_l2": {f"{e:g}": float(worst[("2", e)].mean()) for e in config.l2_eps},

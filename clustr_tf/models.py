@@ -8,8 +8,10 @@ that chose the batch.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from clustr_tf import certify
 from clustr_tf import layers
 from clustr_tf import losses as losses_lib
 
@@ -29,8 +31,58 @@ def _unpack_targets(y, clusters_per_class):
     return tf.reshape(tf.cast(y, tf.int64), [-1]), None, None
 
 
+class Classifier(keras.Model):
+    """What evaluation, attacks, certification and export ask of a model.
+
+    `ClusTRModel` (nearest-center certificate) and `baselines.SoftmaxClassifier` (linear
+    head) implement it, so no caller needs to look at what a model is:
+
+    - `backbone`, `num_classes`, `embed(images, training=False)`: the features;
+    - `logits_from_features(features, neighbours=None)`, `class_logits(images, neighbours=None)`:
+      class logits (for ClusTR the log soft-kNC scores over `neighbours` = L);
+    - `logits_are_log_scores`: whether exp(logits) are the raw scores the official
+      evaluation attacks as logits (ClusTR) or the logits are those scores (a softmax);
+    - `certified_rule` and `certify_features(features)`: the decision a certificate speaks
+      about and, in float64, its feature-space radius, class and runner-up;
+    - `prediction_function(neighbours=None)`: a traced `images -> (class, certified class)`;
+    - `evaluation_neighbours(requested=None)`: the L an evaluation uses (None: no L);
+    - `check_usable()`: raises ValueError when the model cannot be evaluated (e.g.
+      degenerate centers);
+    - `prototypes()`: `(centers, classes)` to draw, or None.
+    """
+
+    logits_are_log_scores = False
+    certified_rule = None
+
+    def embed(self, inputs, training=False):
+        """float tensor [batch, D]: the backbone's features."""
+        return self.backbone(inputs, training=training)
+
+    def class_logits(self, images, neighbours=None, training=False):
+        """float tensor [batch, C]: class logits of images."""
+        return self.logits_from_features(self.embed(images, training=training), neighbours)
+
+    def prediction_function(self, neighbours=None):
+        """A `tf.function` images -> (predicted class, class of the certified rule)."""
+
+        @tf.function(reduce_retracing=True)
+        def predict(images):
+            return self.decisions_from_features(self.embed(images, training=False), neighbours)
+
+        return predict
+
+    def evaluation_neighbours(self, requested=None):
+        return None
+
+    def check_usable(self):
+        return None
+
+    def prototypes(self):
+        return None
+
+
 @keras.saving.register_keras_serializable(package="clustr_tf")
-class ClusTRModel(keras.Model):
+class ClusTRModel(Classifier):
     """A ClusTR classifier: `ClusterCenters` on top of a feature extractor.
 
     Compile it with `clustr_tf.losses.MagnetLoss` and fit it on
@@ -102,9 +154,50 @@ class ClusTRModel(keras.Model):
     def call(self, inputs, training=False):
         return self.cluster_centers(self.backbone(inputs, training=training))
 
-    def embed(self, inputs, training=False):
-        """float tensor [batch, D]: the backbone's features."""
-        return self.backbone(inputs, training=training)
+    # ---- the Classifier interface ---------------------------------------------------------
+
+    logits_are_log_scores = True
+    certified_rule = "nearest center"
+
+    @property
+    def num_classes(self):
+        return self.cluster_centers.num_classes
+
+    def logits_from_features(self, features, neighbours=None):
+        layer = self.cluster_centers
+        return layer.logits_from_distances(layer.squared_distances(features), neighbours)
+
+    def decisions_from_features(self, features, neighbours=None):
+        """(soft-kNC class, nearest-center class) int64 [batch] of features."""
+        layer = self.cluster_centers
+        distances = layer.squared_distances(features)
+        soft = tf.argmax(layer.logits_from_distances(distances, neighbours), axis=-1)
+        return soft, tf.argmin(distances, axis=-1) // layer.clusters_per_class
+
+    def certify_features(self, features):
+        """float64 `(feature_radius, classes, runner_up)` of the nearest-center rule
+        (`certify.feature_radius` against the stored centers)."""
+        layer = self.cluster_centers
+        radius, classes, runner_up = certify.feature_radius(
+            np.asarray(features, np.float64), layer.centers.numpy().astype(np.float64), layer.clusters_per_class)
+        return radius.numpy(), classes.numpy(), runner_up.numpy()
+
+    def evaluation_neighbours(self, requested=None):
+        """L of the soft-kNC rule at evaluation: `requested` (official: 20), at most C*K."""
+        return min(requested or 20, self.cluster_centers.num_clusters)
+
+    def check_usable(self):
+        """Raises ValueError for centers that cannot classify (NaN, all equal) or a variance <= 0."""
+        layer = self.cluster_centers
+        centers = layer.centers.numpy()
+        if not (float(layer.variance.numpy()) > 0 and np.isfinite(centers).all()
+                and np.ptp(centers, axis=0).max() > 0):
+            raise ValueError("degenerate cluster centers (NaN, all equal, or a zero variance)")
+
+    def prototypes(self):
+        """(centers [C*K, D], their classes [C*K]) as numpy."""
+        layer = self.cluster_centers
+        return layer.centers.numpy(), np.arange(layer.num_clusters) // layer.clusters_per_class
 
     def _magnet(self):
         if not isinstance(self.loss, losses_lib.MagnetLoss):
@@ -196,25 +289,15 @@ class ClusTRModel(keras.Model):
 
 
 def prediction_function(model, neighbours=None):
-    """A `tf.function` images -> (soft-kNC class, nearest-center class); reuse it."""
-    layer = model.cluster_centers
-
-    @tf.function(reduce_retracing=True)
-    def predict(images):
-        features = model.embed(images, training=False)
-        distances = layer.squared_distances(features)
-        soft = tf.argmax(layer.logits_from_distances(distances, neighbours), axis=-1)
-        hard = tf.argmin(distances, axis=-1) // layer.clusters_per_class
-        return soft, hard
-
-    return predict
+    """A `tf.function` images -> (predicted class, certified-rule class); reuse it."""
+    return model.prediction_function(neighbours)
 
 
 def evaluate_accuracy(model, dataset, neighbours=None, batch_size=256, predict_fn=None):
     """Clean accuracy of both decision rules on a labelled dataset.
 
     Args:
-        model: a `ClusTRModel`.
+        model: a `Classifier` (a `ClusTRModel` or a softmax classifier).
         dataset: unbatched `tf.data.Dataset` of `(image [H, W, C] in [0, 1], label)`.
         neighbours: L of the soft-kNC rule for this evaluation (official: 20); defaults to
             the model's.

@@ -285,18 +285,6 @@ def per_example_objective(model, images, targets, config, adversarial=None, seed
     return total, magnet, logits, features, extras
 
 
-def _baseline_prediction_function(model):
-    """As `models.prediction_function` for a classifier without centers: both rules are
-    its argmax (so `evaluate_accuracy` works unchanged)."""
-
-    @tf.function(reduce_retracing=True)
-    def predict(images):
-        classes = tf.argmax(model(images, training=False), axis=-1)
-        return classes, classes
-
-    return predict
-
-
 class Trainer:
     """Trains a `ClusTRModel` (or, with `config.method` "cross_entropy" or "pgd_at", a
     `baselines.SoftmaxClassifier`) under a `tf.distribute` strategy; see the module docstring.
@@ -369,8 +357,7 @@ class Trainer:
         )
         self._step_fn = None
         self._compute_fn = None
-        self.predict_fn = (models.prediction_function(model, config.eval_neighbours) if self.clustr
-                            else _baseline_prediction_function(model))
+        self.predict_fn = model.prediction_function(config.eval_neighbours)
 
     # ---- state -------------------------------------------------------------------------
 

@@ -104,7 +104,6 @@ def config_from_flags(f):
 def load_run(model_dir):
     """The run's model and configuration; EvalError when they cannot be used."""
     import keras
-    import numpy as np
 
     import clustr_tf  # noqa: F401  (registers the model classes)
 
@@ -120,16 +119,15 @@ def load_run(model_dir):
         model = keras.saving.load_model(path)
     except Exception as e:  # noqa: BLE001: any load failure becomes one clear message
         raise EvalError(f"Cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    layer = getattr(model, "cluster_centers", None)
-    if layer is None:
-        if getattr(model, "head", None) is not None and getattr(model, "backbone", None) is not None:
-            return model, run_config  # a baseline (baselines.SoftmaxClassifier)
-        raise EvalError(f"{path} is not a ClusTR model (no cluster centers) nor a baseline classifier. "
+    from clustr_tf import models
+
+    if not isinstance(model, models.Classifier):
+        raise EvalError(f"{path} is not a ClusTR model nor a baseline classifier (clustr_tf.models.Classifier). "
                         f"Received: {type(model).__name__}")
-    centers = layer.centers.numpy()
-    if not (float(layer.variance.numpy()) > 0 and np.isfinite(centers).all()
-            and np.ptp(centers, axis=0).max() > 0):
-        raise EvalError(f"The model in {path} has degenerate cluster centers (NaN, all equal, or a zero variance).")
+    try:
+        model.check_usable()
+    except ValueError as e:
+        raise EvalError(f"The model in {path} cannot be evaluated: {e}.") from None
     return model, run_config
 
 
@@ -168,13 +166,12 @@ def _plots(result, model, images, labels, model_dir):
     proj = (features - mean) @ vt[:2].T
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.scatter(proj[:, 0], proj[:, 1], c=labels[:1000], cmap="tab10", s=4, alpha=0.6)
-    layer = getattr(model, "cluster_centers", None)
-    if layer is not None:
-        centers = layer.centers.numpy()
+    prototypes = model.prototypes()
+    if prototypes is not None:
+        centers, classes = prototypes
         cproj = (centers - mean) @ vt[:2].T
-        ax.scatter(cproj[:, 0], cproj[:, 1], c=np.arange(len(centers)) // layer.clusters_per_class,
-                   cmap="tab10", marker="X", s=120, edgecolors="k")
-    ax.set(title="Test features (PCA) and centers (X)" if layer is not None else "Test features (PCA)")
+        ax.scatter(cproj[:, 0], cproj[:, 1], c=classes, cmap="tab10", marker="X", s=120, edgecolors="k")
+    ax.set(title="Test features (PCA) and centers (X)" if prototypes is not None else "Test features (PCA)")
     fig.tight_layout()
     fig.savefig(os.path.join(model_dir, "robustness_features.png"), dpi=120)
     plt.close(fig)
@@ -198,9 +195,8 @@ def run(f):
     if f.num_examples < len(labels):
         keep = np.sort(np.random.default_rng(f.seed).permutation(len(labels))[: f.num_examples])
         images, labels = images[keep], labels[keep]
-    layer = getattr(model, "cluster_centers", None)
-    neighbours = min(run_config.get("eval_L") or 20, layer.num_clusters) if layer is not None else None
-    num_classes = layer.num_classes if layer is not None else model.num_classes
+    neighbours = model.evaluation_neighbours(run_config.get("eval_L"))
+    num_classes = model.num_classes
     config = dataclasses.replace(config, neighbours=neighbours)
     bar = keras.utils.Progbar(1)
 
