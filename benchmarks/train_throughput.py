@@ -16,7 +16,7 @@ classes: the pixel values do not change the time of a step), with the CIFAR ResN
 3. `clustr_qtrades`: the same with `consistency_lambda=8` (ClusTR+QTRADES).
 4. `sampler`: batches per second of `NeighbourhoodSampler.dataset()` alone, against the
    ClusTR step's consumption rate (`sampler_to_step_ratio`).
-5. `refresh`: one `trainer.refresher.refresh()` (embedding pass + per-class k-means +
+5. `refresh`: one `trainer.objective.cluster_refresh(trainer).refresh()` (embedding pass + per-class k-means +
    variance + sampler update) against one `clustering.embed` pass over the same images.
 
 Every variant runs `--warmup_steps` untimed steps first (the first one traces); a timed
@@ -226,6 +226,7 @@ def run(f):
     from clustr_tf import backbones
     from clustr_tf import clustering
     from clustr_tf import models
+    from clustr_tf import objectives
     from clustr_tf import sampler as sampler_lib
     from clustr_tf import training
 
@@ -335,7 +336,7 @@ def run(f):
     logging.info("clustr: building; first refresh (also the refresh warm-up)")
     trainer = make_trainer(0.0, "clustr")
     start = time.perf_counter()
-    trainer.refresher.refresh()  # as Trainer.train does before the first step
+    trainer.objective.cluster_refresh(trainer).refresh()  # as Trainer.train does before the first step
     first_refresh = time.perf_counter() - start
     clustr = Timer(step_timer(trainer))
 
@@ -363,7 +364,7 @@ def run(f):
 
         @tf.function
         def attack(x):
-            return training.consistency_perturbation(
+            return objectives.consistency_perturbation(
                 q_model, x, q_model(x, training=False), q_config.consistency, q_config.consistency_eps,
                 q_config.consistency_step, tf.constant([0, 1], tf.int64),
             )
@@ -389,7 +390,7 @@ def run(f):
         breakdown["note"] = (
             "forward_inference: model(x, training=False) on one batch; qtrades_attack: "
             "an inference forward of the clean batch (the official form's target comes from the "
-            "training forward instead) and training.consistency_perturbation (a forward and a "
+            "training forward instead) and objectives.consistency_perturbation (a forward and a "
             "backward to the input); the rest of a QTRADES step is two training forwards (clean and "
             "adversarial) and their backward pass, vs one of each in a ClusTR step"
         )
@@ -436,7 +437,7 @@ def run(f):
     embed(subset)
     inference_warmup_s = time.perf_counter() - start
     inference = Timer(embed)
-    refresh = Timer(trainer.refresher.refresh)  # warmed up by the first refresh above
+    refresh = Timer(trainer.objective.cluster_refresh(trainer).refresh)  # warmed up by the first refresh above
     interleave([inference, refresh], 0, f.refresh_repeats)
     start = time.perf_counter()
     clustering.kmeans_per_class(features[0], sampler.labels, NUM_CLASSES, f.k, seed=f.seed)

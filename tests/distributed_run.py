@@ -41,17 +41,18 @@ def check_scaling(strategy, model_dir):
     import keras
     import numpy as np
 
+    from clustr_tf import objectives
     from clustr_tf import training
 
     config = training.TrainConfig(epochs=1, steps_per_epoch=1)
     one_model, one_sampler = _build(tf.distribute.get_strategy(), seed=5)
     one = training.Trainer(one_model, keras.optimizers.SGD(0.5), one_sampler,
                            tf.distribute.get_strategy(), os.path.join(model_dir, "one"), config)
-    one.refresher.refresh()
+    one.objective.cluster_refresh(one).refresh()
     batches = list(one_sampler.dataset().take(2))
     weights = [w.numpy() for w in one_model.weights]
     with tf.GradientTape() as tape:
-        totals = [training.per_example_objective(one_model, x, t, config)[0] for x, t in batches]
+        totals = [objectives.per_example_objective(one_model, x, t, config)[0] for x, t in batches]
         loss = tf.reduce_sum(tf.concat(totals, 0)) / tf.cast(sum(int(tf.size(t)) for t in totals), tf.float32)
     grads = tape.gradient(loss, one_model.trainable_variables)
     expected = [w.numpy() - 0.5 * g.numpy() for w, g in zip(one_model.trainable_variables, grads)]

@@ -12,6 +12,7 @@ from absl.testing import absltest
 from clustr_tf import layers
 from clustr_tf import losses
 from clustr_tf import models
+from clustr_tf import objectives
 from clustr_tf import sampler as sampler_lib
 from clustr_tf import training
 
@@ -55,16 +56,16 @@ class ObjectiveTest(absltest.TestCase):
         p = tf.math.log([[0.5, 0.5]])
         q = tf.math.log([[0.25, 0.75]])
         expected = 0.5 * np.log(2) + 0.5 * np.log(2 / 3)
-        self.assertAlmostEqual(float(training.kl_divergence(p, q)[0]), expected, places=6)
-        self.assertAlmostEqual(float(training.kl_divergence(p, p)[0]), 0.0, places=6)
+        self.assertAlmostEqual(float(objectives.kl_divergence(p, q)[0]), expected, places=6)
+        self.assertAlmostEqual(float(objectives.kl_divergence(p, p)[0]), 0.0, places=6)
 
     def test_qtrades_perturbation_in_ball_and_deterministic(self):
         trainer, images, _ = _setup(self, training.TrainConfig(epochs=1, steps_per_epoch=1))
-        trainer.refresher.refresh()
+        trainer.objective.cluster_refresh(trainer).refresh()
         x = tf.constant(images[:8])
         eps, step = 8 / 255, 10 / 255
-        adv = training.qtrades_perturbation(trainer.model, x, eps, step, tf.constant([1, 2], tf.int64))
-        again = training.qtrades_perturbation(trainer.model, x, eps, step, tf.constant([1, 2], tf.int64))
+        adv = objectives.qtrades_perturbation(trainer.model, x, eps, step, tf.constant([1, 2], tf.int64))
+        again = objectives.qtrades_perturbation(trainer.model, x, eps, step, tf.constant([1, 2], tf.int64))
         np.testing.assert_array_equal(adv.numpy(), again.numpy())
         self.assertLessEqual(float(tf.reduce_max(tf.abs(adv - x))), eps + 1e-6)
         self.assertGreaterEqual(float(tf.reduce_min(adv)), 0.0)
@@ -73,10 +74,10 @@ class ObjectiveTest(absltest.TestCase):
 
     def test_attack_gradient_does_not_reach_the_weights(self):
         trainer, images, _ = _setup(self, training.TrainConfig(epochs=1, steps_per_epoch=1))
-        trainer.refresher.refresh()
+        trainer.objective.cluster_refresh(trainer).refresh()
         model = trainer.model
         with tf.GradientTape() as tape:
-            adv = training.qtrades_perturbation(
+            adv = objectives.qtrades_perturbation(
                 model, tf.constant(images[:8]), 8 / 255, 10 / 255, tf.constant([0, 0], tf.int64)
             )
             total = tf.reduce_sum(adv)
@@ -87,7 +88,7 @@ class ObjectiveTest(absltest.TestCase):
         """p = (1, 0), S = (2, 0): -log(e^2 / (e^2 + 1)); soft p mixes both classes' terms."""
         p = tf.constant([[1.0, 0.0], [0.25, 0.75]])
         scores = tf.constant([[2.0, 0.0], [0.5, 1.5]])
-        got = training.official_consistency(p, scores).numpy()
+        got = objectives.official_consistency(p, scores).numpy()
         log_q = np.log(np.exp([[2.0, 0.0], [0.5, 1.5]]) / np.exp([[2.0, 0.0], [0.5, 1.5]]).sum(1, keepdims=True))
         np.testing.assert_allclose(got, -(np.array([[1.0, 0.0], [0.25, 0.75]]) * log_q).sum(1), rtol=1e-6)
         self.assertAlmostEqual(float(got[0]), np.log1p(np.exp(-2.0)), places=6)
@@ -102,8 +103,8 @@ class ObjectiveTest(absltest.TestCase):
         layer.variance.assign(1.0)
         clean = layer(tf.constant(centers[:1]))  # at a center of class 0: its two clusters are the L nearest
         far = tf.constant(centers[4:5])  # at a center of class 2: class 0 leaves the L nearest
-        kl = float(training.kl_divergence(clean, layer(far))[0])
-        official = float(training.official_consistency(tf.nn.softmax(clean), layer.scores_from_distances(
+        kl = float(objectives.kl_divergence(clean, layer(far))[0])
+        official = float(objectives.official_consistency(tf.nn.softmax(clean), layer.scores_from_distances(
             layer.squared_distances(far)))[0])
         self.assertGreater(kl, 10.0)
         self.assertLess(official, 2 + np.log(3) + 1e-6)
@@ -111,10 +112,10 @@ class ObjectiveTest(absltest.TestCase):
 
     def test_official_attack_moves_and_stays_in_the_ball(self):
         trainer, images, _ = _setup(self, training.TrainConfig(epochs=1, steps_per_epoch=1))
-        trainer.refresher.refresh()
+        trainer.objective.cluster_refresh(trainer).refresh()
         x = tf.constant(images[:8])
         target = trainer.model(x, training=False)
-        adv = training.consistency_perturbation(trainer.model, x, target, "official", 8 / 255, 10 / 255,
+        adv = objectives.consistency_perturbation(trainer.model, x, target, "official", 8 / 255, 10 / 255,
                                                 tf.constant([1, 2], tf.int64))
         self.assertLessEqual(float(tf.reduce_max(tf.abs(adv - x))), 8 / 255 + 1e-6)
         self.assertGreaterEqual(float(tf.reduce_min(adv)), 0.0)
@@ -124,12 +125,12 @@ class ObjectiveTest(absltest.TestCase):
 
         def term(images):
             scores = layer.scores_from_distances(layer.squared_distances(trainer.model.embed(images)))
-            return float(tf.reduce_sum(training.official_consistency(tf.nn.softmax(target), scores)))
+            return float(tf.reduce_sum(objectives.official_consistency(tf.nn.softmax(target), scores)))
 
         start = tf.clip_by_value(x + tf.random.stateless_uniform(tf.shape(x), [1, 2], -8 / 255, 8 / 255), 0.0, 1.0)
         self.assertGreater(term(adv), term(start))
         with self.assertRaisesRegex(ValueError, "`form` must be one of official, kl. Received: 'mse'"):
-            training.consistency_perturbation(trainer.model, x, target, "mse", 0.1, 0.1, tf.constant([0, 0]))
+            objectives.consistency_perturbation(trainer.model, x, target, "mse", 0.1, 0.1, tf.constant([0, 0]))
 
     def test_unknown_consistency_form_is_refused(self):
         with self.assertRaisesRegex(ValueError, "`consistency` must be one of official, kl. Received: 'trades'"):
@@ -138,7 +139,7 @@ class ObjectiveTest(absltest.TestCase):
     def _one_step(self, config):
         """(trainer, images, targets, weights and moving statistics before the step)."""
         trainer, _, _ = _setup(self, config, optimizer=keras.optimizers.SGD(0.1))
-        trainer.refresher.refresh()
+        trainer.objective.cluster_refresh(trainer).refresh()
         images, targets = next(iter(trainer.sampler.dataset()))
         model = trainer.model
         before = [v.numpy().copy() for v in model.trainable_variables]
@@ -148,13 +149,13 @@ class ObjectiveTest(absltest.TestCase):
     def test_step_applies_the_gradient_of_the_objective(self):
         """One step with SGD(lr) moves the weights by -lr * grad of the mean objective,
         the QTRADES input being made with the step's seed, for both forms of the term."""
-        for form in training.CONSISTENCY_FORMS:
+        for form in objectives.CONSISTENCY_FORMS:
             config = training.TrainConfig(epochs=1, steps_per_epoch=1, xent_lambda=0.5, logits_xent_lambda=0.25,
                                           consistency_lambda=8.0, consistency=form)
             trainer, images, targets, before, moving = self._one_step(config)
             model = trainer.model
             with tf.GradientTape() as tape:
-                total, _, _, _, extras = training.per_example_objective(
+                total, _, _, _, extras = objectives.per_example_objective(
                     model, images, targets, config, seed=tf.constant([config.seed, 0], tf.int64))
                 loss = tf.reduce_mean(total)
             self.assertEqual(sorted(extras), ["adversarial", "consistency"])
@@ -170,16 +171,16 @@ class ObjectiveTest(absltest.TestCase):
     def test_update_equals_the_update_with_the_attack_input_as_a_constant(self):
         """The attack's weight gradients never reach the update (the official code adds them):
         the training step equals an SGD step on the objective with x' given as a constant."""
-        for form in training.CONSISTENCY_FORMS:
+        for form in objectives.CONSISTENCY_FORMS:
             config = training.TrainConfig(epochs=1, steps_per_epoch=1, consistency_lambda=8.0, consistency=form)
             trainer, images, targets, before, moving = self._one_step(config)
             model = trainer.model
-            _, _, _, _, extras = training.per_example_objective(
+            _, _, _, _, extras = objectives.per_example_objective(
                 model, images, targets, config, seed=tf.constant([config.seed, 0], tf.int64))
             adversarial = tf.constant(extras["adversarial"].numpy())
             self.assertGreater(float(tf.reduce_max(tf.abs(adversarial - images))), 4 / 255)
             with tf.GradientTape() as tape:
-                total, _, _, _, _ = training.per_example_objective(model, images, targets, config,
+                total, _, _, _, _ = objectives.per_example_objective(model, images, targets, config,
                                                                    adversarial=adversarial)
                 loss = tf.reduce_mean(total)
             expected = [b - 0.1 * g.numpy() for b, g in zip(before, tape.gradient(loss, model.trainable_variables))]
@@ -197,15 +198,15 @@ class ObjectiveTest(absltest.TestCase):
         model = trainer.model
         layer = model.cluster_centers
         layer.variance.assign(50.0 * layer.variance)  # soft probabilities: p has a gradient to give
-        _, _, _, _, extras = training.per_example_objective(
+        _, _, _, _, extras = objectives.per_example_objective(
             model, images, targets, config, seed=tf.constant([0, 0], tf.int64))
         adversarial = extras["adversarial"]
         with tf.GradientTape(persistent=True) as tape:
-            _, _, logits, _, extras = training.per_example_objective(model, images, targets, config,
+            _, _, logits, _, extras = objectives.per_example_objective(model, images, targets, config,
                                                                      adversarial=adversarial)
             flowing = tf.reduce_sum(extras["consistency"])
             adv_scores = layer.scores_from_distances(layer.squared_distances(model.embed(adversarial, training=True)))
-            stopped = tf.reduce_sum(training.official_consistency(tf.stop_gradient(tf.nn.softmax(logits)), adv_scores))
+            stopped = tf.reduce_sum(objectives.official_consistency(tf.stop_gradient(tf.nn.softmax(logits)), adv_scores))
         self.assertAlmostEqual(float(flowing), float(stopped), places=4)
         a = tape.gradient(flowing, model.trainable_variables)
         b = tape.gradient(stopped, model.trainable_variables)
@@ -213,7 +214,7 @@ class ObjectiveTest(absltest.TestCase):
 
     def test_records_magnet_losses_in_the_sampler(self):
         trainer, _, _ = _setup(self, training.TrainConfig(epochs=1, steps_per_epoch=1, xent_lambda=1.0))
-        trainer.refresher.refresh()
+        trainer.objective.cluster_refresh(trainer).refresh()
         images, targets = next(iter(trainer.sampler.dataset()))
         magnet = losses.magnet_loss(targets["clusters"], trainer.model.embed(images, training=True), 2)
         trainer._replica_step(images, targets)
@@ -227,7 +228,7 @@ class CompiledStepTest(absltest.TestCase):
         for jit in (False, True):
             config = training.TrainConfig(epochs=1, steps_per_epoch=1, jit_compile=jit, xent_lambda=0.5)
             trainer, _, _ = _setup(self, config, optimizer=keras.optimizers.SGD(0.1))
-            trainer.refresher.refresh()
+            trainer.objective.cluster_refresh(trainer).refresh()
             images, targets = next(iter(trainer.sampler.dataset()))
             sums = tf.function(trainer._replica_step)(images, targets)
             results.append((float(sums["loss"]), [v.numpy() for v in trainer.model.trainable_variables],

@@ -381,25 +381,45 @@ def config_from_flags(f):
     )
 
 
-def build_model(config, info):
-    """The model for a config and a `clustr_tf.data.DatasetInfo`: a ClusTR model, or a
-    softmax classifier for the baselines."""
+def build_backbone(config, info):
+    """The feature extractor for a config and a `clustr_tf.data.DatasetInfo`."""
     from clustr_tf import backbones
-    from clustr_tf import models
 
     name = config.backbone
     if name == "auto":
         name = "convnet" if config.dataset == "digits" else "resnet18"
     kwargs = {"width_multiplier": config.width_multiplier} if name == "resnet18" else {}
-    backbone = backbones.get_backbone(
-        name, info.image_shape, mean=info.mean, std=info.std, **kwargs
-    )
-    if config.method != "clustr":
-        from clustr_tf import baselines
+    return backbones.get_backbone(name, info.image_shape, mean=info.mean, std=info.std, **kwargs)
 
-        return baselines.SoftmaxClassifier(backbone, num_classes=info.num_classes)
-    return models.ClusTRModel(
-        backbone, num_classes=info.num_classes, clusters_per_class=config.k, neighbours=config.L
+
+def train_config(config, steps_per_epoch=1):
+    """The `training.TrainConfig` of a config (the loop's settings and the method's)."""
+    from clustr_tf import losses
+    from clustr_tf import training
+
+    return training.TrainConfig(
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        alpha=config.alpha,
+        magnet_epsilon=losses.OFFICIAL_EPSILON if config.magnet_cap else None,
+        xent_lambda=config.xent_lambda,
+        logits_xent_lambda=config.logits_xent_lambda,
+        consistency_lambda=config.consistency_lambda,
+        consistency=config.consistency,
+        consistency_eps=config.consistency_eps,
+        consistency_step=config.consistency_step,
+        refresh_every=config.refresh_every,
+        eval_neighbours=config.eval_L,
+        eval_batch_size=config.eval_batch_size,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        jit_compile=config.jit_compile,
+        seed=config.seed,
+        method=config.method,
+        pgd_eps=config.pgd_eps,
+        pgd_step=config.pgd_step,
+        pgd_iterations=config.pgd_iterations,
+        time_budget_seconds=config.time_budget_minutes * 60 if config.time_budget_minutes else None,
+        cpu_budget_seconds=config.cpu_budget_minutes * 60 if config.cpu_budget_minutes else None,
     )
 
 
@@ -454,9 +474,8 @@ def train_and_evaluate(config):
 
     from clustr_tf import data
     from clustr_tf import distribute
-    from clustr_tf import losses
     from clustr_tf import models
-    from clustr_tf import sampler as sampler_lib
+    from clustr_tf import objectives
     from clustr_tf import training
 
     keras.utils.set_random_seed(config.seed)
@@ -471,20 +490,15 @@ def train_and_evaluate(config):
         dtype="float32" if config.dataset == "digits" else "uint8", mirror=config.data_mirror,
     )
     logging.info("%s: %d training images of shape %s", config.dataset, len(images), images.shape[1:])
-    if config.method == "clustr":
-        sampler = sampler_lib.NeighbourhoodSampler(
-            images, labels, num_classes=info.num_classes, clusters_per_class=config.k,
-            m=config.m, d=config.d, seed=config.seed,
-        )
-    else:
-        from clustr_tf import baselines
-
-        sampler = baselines.BatchSource(images, labels, min(config.batch_size, len(labels)), seed=config.seed)
+    loop = train_config(config)
+    objective = objectives.from_train_config(loop, clusters_per_class=config.k, neighbours=config.L, m=config.m,
+                                             d=config.d)
+    sampler = objective.batches(images, labels, info.num_classes, seed=config.seed, batch_size=config.batch_size)
     del images
     replicas = strategy.num_replicas_in_sync
     steps = config.steps_per_epoch or max(1, math.ceil(len(labels) / (sampler.batch_size * replicas)))
     with strategy.scope():
-        model = build_model(config, info)
+        model = objective.build_model(build_backbone(config, info), info.num_classes)
         if config.init_checkpoint:
             _load_init_checkpoint(model, config.init_checkpoint)
         learning_rate = config.lr
@@ -504,32 +518,10 @@ def train_and_evaluate(config):
                      mirror=config.data_mirror)
     trainer = training.Trainer(
         model, optimizer, sampler, strategy, config.model_dir,
-        training.TrainConfig(
-            epochs=config.epochs,
-            steps_per_epoch=steps,
-            alpha=config.alpha,
-            magnet_epsilon=losses.OFFICIAL_EPSILON if config.magnet_cap else None,
-            xent_lambda=config.xent_lambda,
-            logits_xent_lambda=config.logits_xent_lambda,
-            consistency_lambda=config.consistency_lambda,
-            consistency=config.consistency,
-            consistency_eps=config.consistency_eps,
-            consistency_step=config.consistency_step,
-            refresh_every=config.refresh_every,
-            eval_neighbours=config.eval_L,
-            eval_batch_size=config.eval_batch_size,
-            checkpoint_every_steps=config.checkpoint_every_steps,
-            jit_compile=config.jit_compile,
-            seed=config.seed,
-            method=config.method,
-            pgd_eps=config.pgd_eps,
-            pgd_step=config.pgd_step,
-            pgd_iterations=config.pgd_iterations,
-            time_budget_seconds=config.time_budget_minutes * 60 if config.time_budget_minutes else None,
-            cpu_budget_seconds=config.cpu_budget_minutes * 60 if config.cpu_budget_minutes else None,
-        ),
+        dataclasses.replace(loop, steps_per_epoch=steps),
         test_dataset=test,
         augment=data.augmentation(config.dataset) if config.augment else None,
+        objective=objective,
     )
     trainer.train()
     train_seconds = time.time() - start
@@ -537,7 +529,7 @@ def train_and_evaluate(config):
         model, test, neighbours=config.eval_L, batch_size=config.eval_batch_size,
         predict_fn=trainer.predict_fn,
     )
-    if config.method != "clustr":  # no centers: one decision rule
+    if model.certified_rule != "nearest center":  # a linear head: one decision rule
         metrics.update({"nearest_center_accuracy": None, "agreement": None})
     metrics.update(
         {
