@@ -100,7 +100,7 @@ def main():
 
     from clustr_tf import backbones
     from clustr_tf import models
-    from export import export_model
+    from clustr_tf import serving
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -114,12 +114,12 @@ def main():
     tmp = tempfile.mkdtemp()
     try:
         start = time.perf_counter()
-        path = export_model.export(model, os.path.join(tmp, "clustr"))
+        path = serving.export(model, os.path.join(tmp, "clustr"))
         export_seconds = time.perf_counter() - start
         del model
         keras.backend.clear_session()
         loaded = tf.saved_model.load(path)
-        with open(os.path.join(path, "assets.extra", export_model.METADATA_FILE)) as fh:
+        with open(os.path.join(path, "assets.extra", serving.METADATA_FILE)) as fh:
             metadata = json.load(fh)
         fns = {name: loaded.signatures[name] for name in SIGNATURES}
 

@@ -10,7 +10,9 @@ BMVC 2021, arXiv:2006.07682):
 - `clustr_tf.models.ClusTRModel`: a backbone with a ClusterCenters head and its train step.
 - `clustr_tf.backbones`: the paper's CIFAR ResNet-18 and a small ConvNet.
 - `clustr_tf.data.load`: datasets as tf.data (embedded digits, CIFAR-10/100, SVHN, folders).
+- `clustr_tf.objectives`: one object per training method (ClusTR, cross-entropy, PGD-AT).
 - `clustr_tf.training.Trainer`: the strategy.run training loop with checkpoints.
+- `clustr_tf.serving.export`: the SavedModel for TF Serving (predict, certify, embed).
 - `clustr_tf.certify` / `clustr_tf.lipschitz`: certified radii and the Lipschitz bound.
 - `clustr_tf.attacks.pgd`: CleverHans PGD with the official, logits and margin losses.
 
@@ -28,7 +30,9 @@ from clustr_tf import layers
 from clustr_tf import lipschitz
 from clustr_tf import losses
 from clustr_tf import models
+from clustr_tf import objectives
 from clustr_tf import sampler
+from clustr_tf import serving
 from clustr_tf import training
 from clustr_tf.clustering import ClusterRefresh
 from clustr_tf.layers import ClusterCenters

@@ -30,8 +30,8 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from clustr_tf import backbones
 from clustr_tf import models
+from clustr_tf import serving
 from export import client
-from export import export_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = os.path.join(ROOT, "export", "client.py")
@@ -61,7 +61,7 @@ def _tiny_export(base):
     features = model.embed(_images(6, seed=7)).numpy()
     model.cluster_centers.centers.assign(features + 0.1 * features.std())
     model.cluster_centers.variance.assign(float(features.var()))
-    return export_model.export(model, base, verify=False)
+    return serving.export(model, base, verify=False)
 
 
 # ------------------------------------------------------- stand-ins for TF Serving

@@ -23,7 +23,7 @@ from clustr_tf import backbones
 from clustr_tf import certify
 from clustr_tf import lipschitz
 from clustr_tf import models
-from export import export_model
+from clustr_tf import serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPORT = os.path.join(ROOT, "export", "export_model.py")
@@ -81,7 +81,7 @@ class ExportedSavedModelTest(parameterized.TestCase):
         cls.tmp = tempfile.mkdtemp()
         cls.base = os.path.join(cls.tmp, "clustr")
         cls.model = tiny_model()
-        cls.path = export_model.export(cls.model, cls.base, neighbours=5)
+        cls.path = serving.export(cls.model, cls.base, neighbours=5)
         cls.loaded = tf.saved_model.load(cls.path)
         cls.images = _images(16)
 
@@ -296,15 +296,15 @@ class ExportFunctionTest(absltest.TestCase):
 
     def test_versions_are_never_overwritten(self):
         base = os.path.join(_tempdir(self), "m")
-        first = export_model.export(self.model, base, verify=False)
+        first = serving.export(self.model, base, verify=False)
         self.assertEqual(first, os.path.join(base, "1"))
         stamp = os.path.getmtime(os.path.join(first, "saved_model.pb"))
-        with self.assertRaisesRegex(export_model.ExportError, "Version 1 already exists"):
-            export_model.export(self.model, base, version=1, verify=False)
+        with self.assertRaisesRegex(serving.ExportError, "Version 1 already exists"):
+            serving.export(self.model, base, version=1, verify=False)
         self.assertEqual(os.path.getmtime(os.path.join(first, "saved_model.pb")), stamp)
-        self.assertEqual(export_model.export(self.model, base, version=7, verify=False), os.path.join(base, "7"))
+        self.assertEqual(serving.export(self.model, base, version=7, verify=False), os.path.join(base, "7"))
         os.makedirs(os.path.join(base, "not_a_version"))
-        self.assertEqual(export_model.export(self.model, base, verify=False), os.path.join(base, "8"))
+        self.assertEqual(serving.export(self.model, base, verify=False), os.path.join(base, "8"))
         self.assertEqual(sorted(os.listdir(base)), ["1", "7", "8", "not_a_version"])
 
     def test_bad_arguments(self):
@@ -321,18 +321,18 @@ class ExportFunctionTest(absltest.TestCase):
             (dict(export_dir=os.path.join(tmp, "a"), lipschitz_bound=float("nan")), "`lipschitz_bound`"),
         ]
         for kwargs, pattern in cases:
-            with self.assertRaisesRegex(export_model.ExportError, pattern):
-                export_model.export(self.model, **kwargs)
-        with self.assertRaisesRegex(export_model.ExportError, "built ClusTR model"):
-            export_model.export(self.model.backbone, os.path.join(tmp, "a"))
-        self.assertEqual(export_model.existing_versions(os.path.join(tmp, "a")), [])
+            with self.assertRaisesRegex(serving.ExportError, pattern):
+                serving.export(self.model, **kwargs)
+        with self.assertRaisesRegex(serving.ExportError, "built ClusTR model"):
+            serving.export(self.model.backbone, os.path.join(tmp, "a"))
+        self.assertEqual(serving.existing_versions(os.path.join(tmp, "a")), [])
 
     def test_backbone_without_a_bound_is_refused(self):
         backbone = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
                                      keras.layers.Dense(4, activation="tanh")])
         model = models.ClusTRModel(backbone, num_classes=2, clusters_per_class=1, neighbours=2)
-        with self.assertRaisesRegex(export_model.ExportError, "No Lipschitz bound .* 'tanh'"):
-            export_model.export(model, os.path.join(_tempdir(self), "m"))
+        with self.assertRaisesRegex(serving.ExportError, "No Lipschitz bound .* 'tanh'"):
+            serving.export(model, os.path.join(_tempdir(self), "m"))
 
 
 def _save_run(run_dir, model, eval_l=4):
@@ -350,7 +350,7 @@ class ServingAssetsTest(absltest.TestCase):
         with open(os.path.join(ROOT, "export", "models.config")) as fh:
             config = text_format.Parse(fh.read(), model_server_config_pb2.ModelServerConfig())
         (model,) = config.model_config_list.config
-        self.assertEqual(model.name, export_model.DEFAULT_MODEL_NAME)  # the warmup requests' model name
+        self.assertEqual(model.name, serving.DEFAULT_MODEL_NAME)  # the warmup requests' model name
         self.assertEqual(model.base_path, "/models/clustr")
         self.assertEqual(model.model_platform, "tensorflow")
         self.assertEqual(model.model_version_policy.latest.num_versions, 1)
@@ -384,7 +384,7 @@ class ExportBinaryTest(parameterized.TestCase):
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         with open(os.path.join(base, "12", "assets.extra", "clustr_export.json")) as fh:
             self.assertEqual(json.load(fh)["neighbours"], 6)
-        self.assertEqual(export_model.next_version(base), 13)
+        self.assertEqual(serving.next_version(base), 13)
 
     @parameterized.named_parameters(
         ("no_model_dir", ["--export_dir={tmp}/b"], "--model_dir is required"),
@@ -435,7 +435,7 @@ class TrainingBinaryExportTest(absltest.TestCase):
         out = subprocess.run([sys.executable, MAIN, "--epochs=1", "--steps_per_epoch=2", f"--model_dir={run_dir}",
                               f"--export_dir={base}"], capture_output=True, text=True, timeout=600, cwd=tmp)
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
-        self.assertEqual(export_model.existing_versions(base), [1])
+        self.assertEqual(serving.existing_versions(base), [1])
         with open(os.path.join(base, "1", "assets.extra", "clustr_export.json")) as fh:
             self.assertEqual(json.load(fh)["neighbours"], 20)  # the run's eval_L
 
@@ -463,7 +463,7 @@ class TrainingBinaryExportTest(absltest.TestCase):
         history = model.fit(batches.dataset(), steps_per_epoch=2, epochs=1, verbose=0)
         self.assertTrue(np.isfinite(history.history["loss"][-1]))
         self.assertFalse(np.allclose(kernel, model.backbone.get_layer("embedding").kernel.numpy()))
-        self.assertEqual(export_model.export(model, base, verify=False), os.path.join(base, "2"))
+        self.assertEqual(serving.export(model, base, verify=False), os.path.join(base, "2"))
 
     def test_main_refuses_a_bad_export_dir_before_training(self):
         tmp = _tempdir(self)

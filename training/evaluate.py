@@ -237,12 +237,9 @@ def main(argv):
 
 def console_main():
     """The `clustr-evaluate` command of the pip package (pyproject.toml)."""
-    if not __package__:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    define_flags()
-    for flag in flags.FLAGS.get_key_flags_for_module(__name__):  # listed by --help
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    from clustr_tf import cli
+
+    cli.start(main, define_flags, __name__)
 
 
 if __name__ == "__main__":

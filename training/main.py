@@ -231,11 +231,11 @@ def _check_model_dir(path):
 def _check_export_dir(path):
     if not path:
         raise ConfigError("--export_dir must name a folder. Received: ''")
-    export_model = _export_model_module()
+    from clustr_tf import serving
 
     try:
-        export_model.check_export_dir(path)
-    except export_model.ExportError as e:
+        serving.check_export_dir(path)
+    except serving.ExportError as e:
         raise ConfigError(str(e)) from None
 
 
@@ -552,11 +552,11 @@ def train_and_evaluate(config):
         with open(os.path.join(config.model_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
         if config.export_dir:
-            export_model = _export_model_module()
+            from clustr_tf import serving
 
             try:
-                path = export_model.export(model, config.export_dir, neighbours=config.eval_L)
-            except export_model.ExportError as e:
+                path = serving.export(model, config.export_dir, neighbours=config.eval_L)
+            except serving.ExportError as e:
                 raise ConfigError(f"--export_dir: {e}") from None
             logging.info("Exported the SavedModel for TF Serving to %s", path)
     return metrics
@@ -589,27 +589,11 @@ def main(argv):
     logging.info("Test metrics: %s", json.dumps(metrics))
 
 
-def _export_model_module():
-    """export/export_model.py: the package `export` in the repository (the `__main__` block
-    puts the root on sys.path), `clustr_tf_cli.export` once installed with pip (pyproject.toml)."""
-    parent = (__package__ or "").rpartition(".")[0]
-    if parent:
-        import importlib
-
-        return importlib.import_module(f"{parent}.export.export_model")
-    from export import export_model
-
-    return export_model
-
-
 def console_main():
     """The `clustr-train` command of the pip package (pyproject.toml)."""
-    if not __package__:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    define_flags()
-    for flag in flags.FLAGS.get_key_flags_for_module(__name__):  # listed by --help
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    from clustr_tf import cli
+
+    cli.start(main, define_flags, __name__)
 
 
 if __name__ == "__main__":
