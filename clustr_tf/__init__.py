@@ -11,7 +11,8 @@ BMVC 2021, arXiv:2006.07682):
 - `clustr_tf.backbones`: the paper's CIFAR ResNet-18 and a small ConvNet.
 - `clustr_tf.data.load`: datasets as tf.data (embedded digits, CIFAR-10/100, SVHN, folders).
 - `clustr_tf.objectives`: one object per training method (ClusTR, cross-entropy, PGD-AT).
-- `clustr_tf.training.Trainer`: the strategy.run training loop with checkpoints.
+- `clustr_tf.training.Trainer`: the strategy.run training loop with checkpoints;
+  `clustr_tf.training.run(clustr_tf.config.RunConfig(...))`: a whole run, as the binary does.
 - `clustr_tf.serving.export`: the SavedModel for TF Serving (predict, certify, embed).
 - `clustr_tf.certify` / `clustr_tf.lipschitz`: certified radii and the Lipschitz bound.
 - `clustr_tf.attacks.pgd`: CleverHans PGD with the official, logits and margin losses.
@@ -24,6 +25,7 @@ from clustr_tf import attacks
 from clustr_tf import backbones
 from clustr_tf import certify
 from clustr_tf import clustering
+from clustr_tf import config
 from clustr_tf import data
 from clustr_tf import distribute
 from clustr_tf import layers

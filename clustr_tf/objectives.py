@@ -35,12 +35,13 @@ import tensorflow as tf
 from clustr_tf import baselines
 from clustr_tf import checks
 from clustr_tf import clustering
+from clustr_tf import config
 from clustr_tf import losses
 from clustr_tf import models
 from clustr_tf import sampler as sampler_lib
 
 # "official": the paper's ClusTR+QTRADES term; "kl": a TRADES-style KL, not the paper's.
-CONSISTENCY_FORMS = ("official", "kl")
+CONSISTENCY_FORMS = config.CONSISTENCY_FORMS
 
 # What `Objective.losses` returns for one replica's batch: per-example float32 [B] values.
 #   losses: what the step minimises (their mean over the global batch);

@@ -23,6 +23,11 @@ agree everywhere), the test-split accuracy, the epoch timer, and on the chief th
 (one row per epoch, each epoch exactly once across restarts), TensorBoard scalars and the
 progress bar.
 
+`run(config)` is a whole run from a `clustr_tf.config.RunConfig` (data, model, objective,
+optimizer, runtime): the data, the objective's model and batches, the optimizer, the
+`Trainer`, then the run directory's model.keras, metrics.json and, if asked, the export;
+`training/main.py` is flags -> config -> `run`.
+
 Reference:
     Alfarra et al., "Rethinking Clustering for Robustness", BMVC 2021 (ClusTR+QTRADES);
     Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy",
@@ -31,6 +36,8 @@ Reference:
 
 import csv
 import dataclasses
+import json
+import math
 import os
 import time
 
@@ -39,9 +46,16 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from clustr_tf import backbones
+from clustr_tf import data
 from clustr_tf import distribute
+from clustr_tf import losses
 from clustr_tf import models
 from clustr_tf import objectives
+from clustr_tf import serving
+from clustr_tf import config as config_lib
+from clustr_tf.config import ConfigError
+from clustr_tf.config import RunConfig
 
 CSV_NAME = "training_log.csv"
 STATE_DIR = "checkpoints"
@@ -127,7 +141,7 @@ class TrainConfig:
                 raise ValueError(f"`{name}` must be >= 0. Received: {getattr(self, name)!r}")
 
 
-METHODS = ("clustr", "cross_entropy", "pgd_at")
+METHODS = config_lib.METHODS
 
 
 class ResumableCSVLogger(keras.callbacks.CSVLogger):
@@ -466,3 +480,153 @@ class Trainer:
         wall, cpu = self.config.time_budget_seconds, self.config.cpu_budget_seconds
         return ((wall is not None and float(self.elapsed.numpy()) >= wall)
                 or (cpu is not None and float(self.elapsed_cpu.numpy()) >= cpu))
+
+
+# ---- a whole run from a config ---------------------------------------------------------------
+
+
+def _init_from(model, path):
+    """Starts `model` from a saved model: a .keras file, or a run directory's model.keras.
+
+    The backbone's weights (batch-norm statistics included) carry over from a ClusTR model
+    or a softmax classifier (cross-entropy, PGD-AT). Cluster centers and variance are not
+    copied: the cluster refresh before the first step computes them on the copied
+    backbone's features. A linear head carries over to a softmax classifier of the same
+    shape and is dropped otherwise (a ClusTR run from a cross-entropy network, as the
+    official ClusTR+QTRADES recipe starts). Raises `config.ConfigError`.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.keras")
+    if not os.path.isfile(path):
+        raise ConfigError(f"`init_checkpoint` must be a .keras model or a run directory holding model.keras "
+                          f"(a finished run). Received: {path}")
+    try:
+        source = keras.saving.load_model(path)
+    except Exception as e:  # noqa: BLE001: any load failure becomes one clear message
+        raise ConfigError(f"`init_checkpoint` cannot be loaded ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}). Received: {path}") from None
+    if not isinstance(source, models.Classifier):
+        raise ConfigError(f"`init_checkpoint` must be a ClusTR model or a softmax classifier. Received: "
+                          f"{type(source).__name__} from {path}")
+    ours, theirs = model.backbone.weights, source.backbone.weights
+    mismatch = next((f"{a.path} is {tuple(a.shape)} here and {tuple(b.shape)} there"
+                     for a, b in zip(ours, theirs) if tuple(a.shape) != tuple(b.shape)), None)
+    if mismatch is None and len(ours) != len(theirs):
+        mismatch = f"{len(ours)} backbone weights here, {len(theirs)} there"
+    if mismatch:
+        raise ConfigError(f"`init_checkpoint`'s backbone does not fit this run's ({mismatch}; check `backbone`, "
+                          f"`width_multiplier`, `dataset`). Received: {path}")
+    model.backbone.set_weights(source.backbone.get_weights())
+    head, source_head = getattr(model, "head", None), getattr(source, "head", None)
+    copied = "backbone"
+    if head is not None and source_head is not None and [tuple(w.shape) for w in head.weights] == [
+            tuple(w.shape) for w in source_head.weights]:
+        head.set_weights(source_head.get_weights())
+        copied = "backbone and linear head"
+    logging.info("Initialised the %s from %s (%s)", copied, path, type(source).__name__)
+
+
+def _optimizer(config, steps):
+    """The Keras optimizer of `config.optimizer` (milestones in epochs of `steps` steps)."""
+    opt, runtime = config.optimizer, config.runtime
+    learning_rate = opt.lr
+    if opt.lr_milestones:
+        learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [m * steps for m in opt.lr_milestones], [opt.lr * opt.lr_decay**i for i in range(len(opt.lr_milestones) + 1)])
+    decay = {"weight_decay": opt.weight_decay} if opt.weight_decay else {}
+    if opt.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=opt.momentum, **decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate, **decay)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if runtime.mixed_precision else optimizer
+
+
+def loop_config(config, steps_per_epoch=1):
+    """The `TrainConfig` (the loop's settings) of a `config.RunConfig`."""
+    o, r = config.objective, config.runtime
+    return TrainConfig(
+        epochs=r.epochs, steps_per_epoch=steps_per_epoch, alpha=o.alpha,
+        magnet_epsilon=losses.OFFICIAL_EPSILON if o.magnet_cap else None, xent_lambda=o.xent_lambda,
+        logits_xent_lambda=o.logits_xent_lambda, consistency_lambda=o.consistency_lambda, consistency=o.consistency,
+        consistency_eps=o.consistency_eps, consistency_step=o.consistency_step, refresh_every=o.refresh_every,
+        eval_neighbours=config.model.eval_L, eval_batch_size=r.eval_batch_size,
+        checkpoint_every_steps=r.checkpoint_every_steps, jit_compile=r.jit_compile, seed=r.seed, method=o.method,
+        pgd_eps=o.pgd_eps, pgd_step=o.pgd_step, pgd_iterations=o.pgd_iterations,
+        time_budget_seconds=r.time_budget_minutes * 60 if r.time_budget_minutes else None,
+        cpu_budget_seconds=r.cpu_budget_minutes * 60 if r.cpu_budget_minutes else None,
+    )
+
+
+def run(config):
+    """Trains and evaluates a `config.RunConfig`; returns the metrics it writes.
+
+    Checks the paths (`RunConfig.check_paths`), writes the run directory's config.json,
+    trains with the config's objective (resuming a run already there), then writes
+    model.keras and metrics.json (clean and nearest-center accuracy on the test split,
+    times, epochs) and, with `runtime.export_dir`, the SavedModel for TF Serving.
+
+    Raises:
+        config.ConfigError: a setting that cannot work (a path, `init_checkpoint`,
+            `export_dir`).
+        data.DatasetNotFoundError, data.CorruptDatasetError: the data cannot be had.
+        RestoreError: the run directory's training state cannot be restored.
+    """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"`config` must be a clustr_tf.config.RunConfig. Received: {type(config).__name__}")
+    d, m, o, r = config.data, config.model, config.objective, config.runtime
+    config.check_paths()
+    with open(os.path.join(r.model_dir, "config.json"), "w") as fh:
+        json.dump(config.flat(), fh, indent=2)
+    keras.utils.set_random_seed(r.seed)
+    if r.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    start = time.time()
+    strategy = distribute.get_strategy(r.strategy, r.tpu)
+    logging.info("Strategy %s with %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
+    info = data.info(d.dataset, data_dir=d.data_dir)
+    images, labels = data.load_arrays(d.dataset, "train", data_dir=d.data_dir, download=d.download,
+                                      dtype="float32" if d.dataset == "digits" else "uint8", mirror=d.data_mirror)
+    logging.info("%s: %d training images of shape %s", d.dataset, len(images), images.shape[1:])
+    loop = loop_config(config)
+    objective = objectives.from_train_config(loop, clusters_per_class=m.k, neighbours=m.L, m=o.m, d=o.d)
+    sampler = objective.batches(images, labels, info.num_classes, seed=r.seed, batch_size=o.batch_size)
+    del images
+    replicas = strategy.num_replicas_in_sync
+    steps = r.steps_per_epoch or max(1, math.ceil(len(labels) / (sampler.batch_size * replicas)))
+    name = m.backbone if m.backbone != "auto" else ("convnet" if d.dataset == "digits" else "resnet18")
+    with strategy.scope():
+        backbone = backbones.get_backbone(name, info.image_shape, mean=info.mean, std=info.std,
+                                          **({"width_multiplier": m.width_multiplier} if name == "resnet18" else {}))
+        model = objective.build_model(backbone, info.num_classes)
+        if r.init_checkpoint:
+            _init_from(model, r.init_checkpoint)
+        optimizer = _optimizer(config, steps)
+    test = data.load(d.dataset, "test", data_dir=d.data_dir, download=d.download, mirror=d.data_mirror)
+    trainer = Trainer(model, optimizer, sampler, strategy, r.model_dir,
+                      dataclasses.replace(loop, steps_per_epoch=steps), test_dataset=test,
+                      augment=data.augmentation(d.dataset) if d.augment else None, objective=objective)
+    trainer.train()
+    train_seconds = time.time() - start
+    metrics = models.evaluate_accuracy(model, test, neighbours=m.eval_L, batch_size=r.eval_batch_size,
+                                       predict_fn=trainer.predict_fn)
+    if model.certified_rule != "nearest center":  # a linear head: one decision rule
+        metrics.update({"nearest_center_accuracy": None, "agreement": None})
+    metrics.update({
+        "split": "test", "dataset": d.dataset, "method": o.method, "eval_L": m.eval_L, "epochs": r.epochs,
+        "epochs_trained": int(trainer.epoch.numpy()),
+        "train_time_seconds": round(float(trainer.elapsed.numpy()), 2),
+        "train_cpu_seconds": round(float(trainer.elapsed_cpu.numpy()), 2),
+        "steps_per_epoch": steps, "replicas": replicas, "train_seconds": round(train_seconds, 2),
+        "total_seconds": round(time.time() - start, 2),
+    })
+    if trainer.is_chief:
+        model.save(os.path.join(r.model_dir, "model.keras"))
+        with open(os.path.join(r.model_dir, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh, indent=2)
+        if r.export_dir:
+            try:
+                path = serving.export(model, r.export_dir, neighbours=m.eval_L)
+            except serving.ExportError as e:
+                raise ConfigError(f"`export_dir`: {e}") from None
+            logging.info("Exported the SavedModel for TF Serving to %s", path)
+    return metrics

@@ -219,13 +219,11 @@ class InitCheckpointTest(absltest.TestCase):
 
 class FlagTableTest(absltest.TestCase):
     def test_class_counts_match_the_datasets(self):
-        sys.path.insert(0, os.path.join(ROOT, "training"))
-        import main  # pylint: disable=g-import-not-at-top
-
+        from clustr_tf import config
         from clustr_tf import data
 
-        self.assertEqual(sorted(main.DATASET_CLASSES), sorted(data.DATASETS))
-        for name, classes in main.DATASET_CLASSES.items():
+        self.assertEqual(sorted(config.DATASET_CLASSES), sorted(data.DATASETS))
+        for name, classes in config.DATASET_CLASSES.items():
             self.assertEqual(data.info(name).num_classes, classes)
 
 
