@@ -9,7 +9,6 @@ signs of gradient masking that misled readers of the original ClusTR evaluation.
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
 
 from clustr_tf import attacks
 from clustr_tf import certify

@@ -234,6 +234,8 @@ def _imported_files(path):
             files.add(f"{parts[0]}/__init__.py")  # importing a package runs its __init__.py
         if len(parts) > 1 and os.path.isfile(os.path.join(ROOT, *parts[:2]) + ".py"):
             files.add("/".join(parts[:2]) + ".py")
+        elif len(parts) > 1 and os.path.isfile(os.path.join(ROOT, *parts[:2], "__init__.py")):
+            files.add("/".join(parts[:2]) + "/__init__.py")  # a subpackage (clustr_tf/data/)
     return {f for f in files if os.path.isfile(os.path.join(ROOT, f))}
 
 
@@ -273,9 +275,11 @@ class BazelBuildFilesTest(absltest.TestCase):
                 for src in target["srcs"]:
                     owners.setdefault(src, []).append(key)
         for package in PROJECT_PACKAGES:
-            for name in sorted(os.listdir(os.path.join(ROOT, package))):
-                if name.endswith(".py"):
-                    self.assertLen(owners.get(f"{package}/{name}", []), 1, f"{package}/{name}")
+            for folder, _, names in os.walk(os.path.join(ROOT, package)):
+                for name in sorted(names):
+                    if name.endswith(".py"):
+                        path = os.path.relpath(os.path.join(folder, name), ROOT)
+                        self.assertLen(owners.get(path, []), 1, path)
 
     def test_every_test_file_has_a_pytest_target(self):
         tests = {src for target in self.targets.values() if target["rule"] == "pytest_test"

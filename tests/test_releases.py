@@ -15,7 +15,7 @@ from absl.testing import parameterized
 
 import release_files
 from clustr_tf import data
-from clustr_tf import releases
+from clustr_tf.data import releases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "training", "main.py")

@@ -1,0 +1,517 @@
+"""Image folders: a local folder or a `.tar`/`.tar.gz`/`.tgz` archive laid out as
+`<split>/<class>/<image>` (e.g. `train/airplane/0001.jpg`), optionally under one top-level
+folder (`cifar10-jpeg/train/airplane/0001.jpg`). Images are JPEG, PNG, GIF or BMP files
+that all have the same size; hidden entries (names starting with ".") and `__MACOSX`
+folders are skipped. Archives are streamed, never extracted.
+
+`image_folder` is a user's own images (classes: the sorted class folders of the train
+split; mean/std computed exactly from its pixels); a fixed dataset (CIFAR, SVHN) may be an
+image folder too, its class folders named as in `base.CLASS_NAMES`.
+"""
+
+import dataclasses
+import difflib
+import os
+import re
+import tarfile
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+from clustr_tf.data import base
+
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz")
+_DECODE_BATCH = 1024
+
+
+@dataclasses.dataclass
+class _Listing:
+    """The contents of an image folder, as far as they were read.
+
+    Attributes:
+        where: how messages name the folder or archive.
+        splits: split -> class -> file name -> source: a file path (folder),
+            the file's bytes (archive, the split that was read) or None
+            (archive, other splits).
+        display: `(split, class, file name or None) -> str` naming an entry.
+        first_train: `(class, file name, source)` of the first training image
+            in (class, file name) order, or None.
+    """
+
+    where: str
+    splits: dict
+    display: object
+    first_train: object = None
+
+
+def _some(names, limit=12):
+    """Joins names for a message, at most `limit` of them."""
+    names = list(names)
+    if not names:
+        return "none"
+    shown = ", ".join(str(n) for n in names[:limit])
+    if len(names) > limit:
+        shown += f", ... ({len(names) - limit} more)"
+    return shown
+
+
+def _hidden(name):
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _has_split_folder(path):
+    return any(os.path.isdir(os.path.join(path, s)) for s in base.SPLITS)
+
+
+def locate(data_dir):
+    """Finds an image folder at `data_dir`.
+
+    Returns:
+        `("archive", path)`, `("folder", root)` with `root` the folder that
+        holds the split folders, or None when `data_dir` is not an image
+        folder (e.g. a TFDS data_dir).
+
+    Raises:
+        base.DatasetNotFoundError: if `data_dir` names an archive that is missing.
+        ValueError: if `data_dir` is a file but not an archive.
+    """
+    if data_dir is None:
+        return None
+    try:
+        path = os.fspath(data_dir)
+    except TypeError:
+        raise ValueError(
+            f"`data_dir` must be a path. Received: {data_dir!r}"
+        ) from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if os.path.isdir(path):
+        if _has_split_folder(path):
+            return ("folder", path)
+        subfolders = [
+            e.path
+            for e in os.scandir(path)
+            if e.is_dir() and not _hidden(e.name)
+        ]
+        if len(subfolders) == 1 and _has_split_folder(subfolders[0]):
+            return ("folder", subfolders[0])
+        return None
+    if path.lower().endswith(_ARCHIVE_SUFFIXES):
+        if not os.path.isfile(path):
+            raise base.DatasetNotFoundError(
+                f"The archive {path} could not be found: no such file. Pass "
+                "--data_dir=PATH (data_dir=PATH in Python) naming an existing "
+                "folder or .tar/.tar.gz/.tgz archive in split/class/image "
+                "layout."
+            )
+        return ("archive", path)
+    if os.path.exists(path):
+        raise ValueError(
+            f"`data_dir` {path} is a file, but not a .tar, .tar.gz or .tgz "
+            "archive. Expected a folder or an archive laid out as "
+            "<split>/<class>/<image>."
+        )
+    return None
+
+
+def _layout_error(where, what):
+    return ValueError(
+        f"{what} in {where}: expected the layout <split>/<class>/<image> "
+        "(e.g. train/airplane/0001.jpg), optionally under one top-level folder."
+    )
+
+
+def _list_folder(root, needed_splits):
+    """Lists the splits of a local image folder (nothing is read)."""
+
+    def display(split, cls=None, fname=None):
+        return os.path.join(root, *[p for p in (split, cls, fname) if p])
+
+    splits = {}
+    for split in base.SPLITS:
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            continue
+        splits[split] = {}
+        if split not in needed_splits:
+            continue
+        for entry in os.scandir(split_dir):
+            if _hidden(entry.name):
+                continue
+            if not entry.is_dir():
+                raise _layout_error(
+                    root, f"{entry.path} is a file directly in a split folder"
+                )
+            files = {}
+            for item in os.scandir(entry.path):
+                if _hidden(item.name):
+                    continue
+                if item.is_dir():
+                    raise _layout_error(
+                        root, f"{item.path} is a folder inside a class folder"
+                    )
+                files[item.name] = item.path
+            splits[split][entry.name] = files
+    listing = _Listing(where=root, splits=splits, display=display)
+    train = splits.get("train", {})
+    keys = [(c, f) for c, files in train.items() for f in files]
+    if keys:
+        cls, fname = min(keys)
+        listing.first_train = (cls, fname, train[cls][fname])
+    return listing
+
+
+def _list_archive(path, read_split):
+    """Streams an archive once; keeps the bytes of `read_split`'s images."""
+    splits = {}
+    roots = set()  # Top-level folders that hold split folders ("" = none).
+    first_train = None
+
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                parts = [
+                    p for p in member.name.split("/") if p not in ("", ".")
+                ]
+                if not parts or any(_hidden(p) for p in parts):
+                    continue
+                if parts[0] in base.SPLITS:
+                    roots.add("")
+                    rel = parts
+                elif len(parts) > 1 and parts[1] in base.SPLITS:
+                    roots.add(parts[0])
+                    rel = parts[1:]
+                else:
+                    continue  # Outside the split folders (README, "extra").
+                split = rel[0]
+                classes = splits.setdefault(split, {})
+                if member.isdir():
+                    if len(rel) == 2:
+                        classes.setdefault(rel[1], {})
+                    continue
+                if len(rel) != 3:
+                    what = (
+                        "is a file directly in a split folder"
+                        if len(rel) == 2
+                        else "is nested inside a class folder"
+                    )
+                    raise _layout_error(path, f"Member {member.name} {what}")
+                if not member.isfile():
+                    raise ValueError(
+                        f"Member {member.name} of {path} is a link or special "
+                        "file; archives must hold the images as regular files."
+                    )
+                cls, fname = rel[1], rel[2]
+                source = None
+                if split == read_split:
+                    source = tar.extractfile(member).read()
+                if split == "train" and (
+                    first_train is None or (cls, fname) < first_train[:2]
+                ):
+                    if source is None:
+                        source = tar.extractfile(member).read()
+                    first_train = (cls, fname, source)
+                    if split != read_split:
+                        source = None
+                classes.setdefault(cls, {})[fname] = source
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise base.CorruptDatasetError(
+            f"Could not read the archive {path} ({type(e).__name__}: {e}). "
+            "Expected a .tar, .tar.gz or .tgz archive."
+        ) from e
+    if len(roots) > 1:
+        raise _layout_error(
+            path,
+            "Split folders under several top-level folders ("
+            + ", ".join(
+                repr(r) if r else "the archive's top" for r in sorted(roots)
+            )
+            + ")",
+        )
+    root = next(iter(roots)) if roots else ""
+
+    def display(split, cls=None, fname=None):
+        inner = "/".join(p for p in (root, split, cls, fname) if p)
+        return f"{path} (member {inner})"
+
+    return _Listing(
+        where=path, splits=splits, display=display, first_train=first_train
+    )
+
+
+def _list_image_folder(location, split, need_train):
+    kind, path = location
+    if kind == "archive":
+        return _list_archive(path, split)
+    return _list_folder(path, {split, "train"} if need_train else {split})
+
+
+def _decode_one(source, from_file):
+    contents = tf.io.read_file(source) if from_file else source
+    return tf.io.decode_image(contents, expand_animations=False)
+
+
+def _decode_error(display, source, from_file):
+    """Decodes one image eagerly to report why it cannot be read."""
+    try:
+        _decode_one(source, from_file)
+        reason = "it could not be read"
+    except (tf.errors.OpError, ValueError) as e:
+        message = re.sub(r"\{\{[^}]*\}\}\s*", "", str(getattr(e, "message", e)))
+        reason = f"{type(e).__name__}: {message.split(' [Op:')[0]}"
+    return ValueError(
+        f"Could not read the image {display}: expected a JPEG, PNG, GIF or "
+        f"BMP file ({reason.strip()})."
+    )
+
+
+def _decode_images(sources, displays, shape, from_file):
+    """Decodes images into a uint8 `[N, *shape]` array, checking every one.
+
+    Args:
+        sources: N file paths (`from_file`) or N encoded images (bytes).
+        displays: N strings naming the images in error messages.
+        shape: `(height, width, channels)` every image must have.
+        from_file: whether `sources` are paths.
+
+    Returns:
+        uint8 numpy array `[N, height, width, channels]`.
+
+    Raises:
+        ValueError: naming the first image that cannot be decoded or that
+            has another shape.
+    """
+    n = len(sources)
+    images = np.empty((n, *shape), np.uint8)
+    if n == 0:
+        return images
+    expected = tf.constant(shape, tf.int32)
+
+    def decode(index, source):
+        image = _decode_one(source, from_file)
+        found = tf.shape(image, out_type=tf.int32)
+        ok = tf.reduce_all(tf.equal(found, expected))
+        image = tf.cond(
+            ok,
+            lambda: tf.reshape(image, shape),
+            lambda: tf.zeros(shape, tf.uint8),
+        )
+        return index, image, found
+
+    ds = (
+        tf.data.Dataset.from_tensor_slices(sources)
+        .enumerate()
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .ignore_errors()  # Unreadable files are found (and named) below.
+        .batch(_DECODE_BATCH)
+        .prefetch(2)
+    )
+    decoded = np.zeros(n, bool)
+    shapes = np.zeros((n, 3), np.int64)
+    for index, batch, found in ds.as_numpy_iterator():
+        images[index] = batch
+        shapes[index] = found
+        decoded[index] = True
+    unreadable = np.flatnonzero(~decoded)
+    if unreadable.size:
+        i = unreadable[0]
+        error = _decode_error(displays[i], sources[i], from_file)
+        if unreadable.size > 1:
+            error = ValueError(
+                f"{error} ({unreadable.size - 1} more unreadable.)"
+            )
+        raise error
+    wrong = np.flatnonzero(np.any(shapes != np.asarray(shape), axis=1))
+    if wrong.size:
+        i = wrong[0]
+        more = f" ({wrong.size - 1} more.)" if wrong.size > 1 else ""
+        raise ValueError(
+            f"The image {displays[i]} has shape (height, width, channels) = "
+            f"{tuple(int(s) for s in shapes[i])}; every image of this dataset "
+            f"must have shape {tuple(shape)}.{more}"
+        )
+    return images
+
+
+def _image_folder_classes(listing, name):
+    """Class names of the generic image folder: the train split's folders."""
+    train = listing.splits.get("train")
+    if train is None:
+        raise ValueError(
+            f"The image folder {listing.where} has no 'train' split folder, "
+            f"which defines the classes of dataset '{name}'. Found split "
+            f"folders: {_some(sorted(listing.splits))}."
+        )
+    classes = tuple(sorted(train))
+    if not classes:
+        raise ValueError(
+            f"The train split folder {listing.display('train')} holds no class "
+            "folders."
+        )
+    empty = [c for c in classes if not train[c]]
+    if empty:
+        raise ValueError(
+            f"The class folder {listing.display('train', empty[0])} holds no "
+            "images."
+        )
+    return classes
+
+
+def _first_image_shape(listing, from_file):
+    cls, fname, source = listing.first_train
+    display = listing.display("train", cls, fname)
+    try:
+        image = _decode_one(source, from_file)
+    except (tf.errors.OpError, ValueError):
+        raise _decode_error(display, source, from_file) from None
+    return tuple(int(s) for s in image.shape)
+
+
+def read(name, location, split, class_names, image_shape):
+    """Reads one split of an image folder.
+
+    Args:
+        name: the dataset's name, for messages.
+        location: from `locate`.
+        split: "train" or "test".
+        class_names: class names in label order, or None for the sorted
+            class folders of the train split.
+        image_shape: `(height, width, channels)`, or None for the shape of the
+            first training image.
+
+    Returns:
+        `(images, labels, class_names, image_shape)`: uint8
+        `[N, H, W, C]`, int64 `[N]`, a tuple of str, a tuple of 3 ints.
+    """
+    from_file = location[0] == "folder"
+    listing = _list_image_folder(
+        location, split, need_train=class_names is None or image_shape is None
+    )
+    if split not in listing.splits:
+        raise ValueError(
+            f"The image folder {listing.where} has no '{split}' split folder "
+            f"for dataset '{name}'. Found split folders: "
+            f"{_some(sorted(listing.splits))}."
+        )
+    if class_names is None:
+        class_names = _image_folder_classes(listing, name)
+    if image_shape is None:
+        image_shape = _first_image_shape(listing, from_file)
+    labels_of = {c: i for i, c in enumerate(class_names)}
+    classes = listing.splits[split]
+    unknown = sorted(set(classes) - set(labels_of))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], class_names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        expected = _some(class_names, limit=20)
+        if len(class_names) > 20 and name in base.CLASS_NAMES:
+            expected += f" (all in clustr_tf.data.CLASS_NAMES['{name}'])"
+        raise ValueError(
+            f"Unknown class folder {listing.display(split, unknown[0])} for "
+            f"dataset '{name}': {unknown[0]!r} is not a class name.{hint} "
+            f"Found class folders: {_some(sorted(classes))}. Expected names "
+            f"among: {expected}."
+        )
+    entries = sorted(
+        (labels_of[c], fname, source)
+        for c, files in classes.items()
+        for fname, source in files.items()
+    )
+    if not entries:
+        raise ValueError(
+            f"The split folder {listing.display(split)} of dataset '{name}' "
+            "holds no images."
+        )
+    displays = [
+        listing.display(split, class_names[l], f) for l, f, _ in entries
+    ]
+    sources = [s for _, _, s in entries]
+    labels = np.fromiter((l for l, _, _ in entries), np.int64, len(entries))
+    del entries, listing  # Drop the encoded bytes as soon as possible.
+    images = _decode_images(sources, displays, image_shape, from_file)
+    return images, labels, tuple(class_names), tuple(image_shape)
+
+
+def _mean_std(images):
+    """Per-channel mean/std in [0, 1] of uint8 `[N, H, W, C]`, exactly."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = [], []
+    for c in range(images.shape[-1]):
+        counts = np.bincount(images[..., c].ravel(), minlength=256)
+        counts = counts.astype(np.float64) / counts.sum()
+        m = float(counts @ values)
+        mean.append(m)
+        std.append(float(np.sqrt(counts @ (values - m) ** 2)))
+    return tuple(mean), tuple(std)
+
+
+def _require_image_folder(data_dir):
+    if data_dir is None:
+        raise ValueError(
+            f"Dataset '{base.IMAGE_FOLDER}' needs `data_dir` (--data_dir): a folder "
+            "or .tar/.tar.gz/.tgz archive laid out as <split>/<class>/<image>."
+            " Received: data_dir=None"
+        )
+    location = locate(data_dir)
+    if location is None:
+        path = os.fspath(data_dir)
+        if not os.path.exists(path):
+            raise base.DatasetNotFoundError(
+                f"Dataset '{base.IMAGE_FOLDER}' could not be found: {path} does not "
+                "exist. Pass --data_dir=PATH (data_dir=PATH in Python) naming "
+                "a folder or .tar/.tar.gz/.tgz archive in split/class/image "
+                "layout."
+            )
+        found = sorted(e for e in os.listdir(path) if not _hidden(e))
+        raise _layout_error(
+            path,
+            "No 'train' or 'test' split folder (directly or under one "
+            f"sub-folder); found: {_some(found)}",
+        )
+    return location
+
+
+def load_arrays(split, data_dir=None, download=True, dtype="float32", mirror=None):
+    del download, mirror  # Nothing to download.
+    location = _require_image_folder(data_dir)
+    images, labels, _, _ = read(
+        base.IMAGE_FOLDER, location, split, None, None
+    )
+    return base.from_uint8(images, dtype), labels
+
+
+def load_dataset(split, data_dir=None, download=True, mirror=None):
+    images, labels = load_arrays(split, data_dir, download, "uint8")
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    return ds.map(base.to_unit_float, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def folder_info(data_dir):
+    location = _require_image_folder(data_dir)
+    images, _, classes, shape = read(
+        base.IMAGE_FOLDER, location, "train", None, None
+    )
+    mean, std = _mean_std(images)
+    return base.DatasetInfo(base.IMAGE_FOLDER, len(classes), shape, mean, std)
+
+
+def folder_class_names(data_dir):
+    location = _require_image_folder(data_dir)
+    listing = _list_image_folder(location, None, need_train=True)
+    return _image_folder_classes(listing, base.IMAGE_FOLDER)
+
+
+# --------------------------------------------------------------------------
+# tensorflow-datasets (or an image folder with the canonical class names).
+
+
+SOURCE = base.Source(
+    info=folder_info,
+    class_names=folder_class_names,
+    splits=base.SPLITS,
+    load_dataset=load_dataset,
+    load_arrays=load_arrays,
+    eight_bit=True,
+    augment=True,
+)
