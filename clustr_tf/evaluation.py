@@ -1,6 +1,9 @@
 """Robustness evaluation: attacks at every eps, worst cases, certificates, masking checks.
 
-`evaluate_robustness` runs PGD with each attack loss at each eps (l_inf, and l2 if asked),
+`evaluate_robustness` runs five stages, each a function of its own: `plan` (the PGD runs),
+`clean_pass` (clean decisions and the certificate), `gradient_attacks`, `stronger_attack`
+and `gradient_free_attack` (each narrowing the per-example worst case), then sums them up.
+It runs PGD with each attack loss at each eps (l_inf, and l2 if asked),
 takes the per-example worst case over every run at an eps, certifies the nearest-center
 decision with `certify` and `lipschitz`, and `masking_checks` tests the results for the
 signs of gradient masking that misled readers of the original ClusTR evaluation.
@@ -48,6 +51,138 @@ def _eps_key(eps):
     return f"{eps * 255:g}/255"
 
 
+def plan(config):
+    """The PGD runs of an evaluation, in order: `(norm, eps, loss, iterations, step)`.
+
+    Every loss at every l_inf eps (step `config.step`), every loss at every l2 eps (step
+    eps / 4: the l_inf step in pixels would move an l2 attack too little), and, unless an
+    eps of 1 or more is asked already, the unbounded check (eps 1.0, margin, step 0.1).
+    """
+    for name in ("square_eps", "stronger_eps"):
+        extra = [e for e in getattr(config, name) if e not in config.linf_eps]
+        if extra:
+            raise ValueError(f"`{name}` must be a subset of `linf_eps`. Received: {extra} not in {config.linf_eps}")
+    runs = [("inf", e, loss, config.iterations, config.step) for e in config.linf_eps for loss in config.losses]
+    runs += [("2", e, loss, config.iterations, e / 4 if e > 0 else config.step)
+             for e in config.l2_eps for loss in config.losses]
+    if config.unbounded_check and not any(e >= 1.0 for e in config.linf_eps):
+        runs.append(("inf", 1.0, "margin", config.iterations, 0.1))
+    return runs
+
+
+def clean_pass(model, images, labels, config):
+    """One backbone pass: the clean decisions (the logits the attacks see) and the
+    certificate of the model's certified rule (`models.Classifier`: the nearest center for
+    ClusTR, the linear head for a baseline).
+
+    Returns:
+        dict with `clean` (bool [N], correct), `certified_correct` (bool [N], the certified
+        rule's class is the label), `radii` (float64 [N], certified l2 radii in pixels) and
+        `lipschitz_bound`.
+    """
+    batches = [slice(i, min(i + config.batch_size, len(labels))) for i in range(0, len(labels), config.batch_size)]
+    features = np.concatenate([model.embed(images[b], training=False).numpy() for b in batches])
+    logits = np.concatenate([model.logits_from_features(features[b], config.neighbours).numpy() for b in batches])
+    radius_f, classes, _ = model.certify_features(features)
+    bound = lipschitz.model_bound(model.backbone)
+    return {"clean": logits.argmax(1) == labels, "certified_correct": classes == labels,
+            "radii": certify.certified_radius(radius_f, bound), "lipschitz_bound": bound}
+
+
+def _pgd(model, model_fn, images, labels, subset, run, config):
+    """bool [N]: whether each example of `subset` survived the PGD `run` (False elsewhere)."""
+    norm, eps, loss, iterations, step = run
+    robust = np.zeros(len(labels), bool)
+    index = np.flatnonzero(subset)
+    for i in range(0, len(index), config.batch_size):
+        b = index[i: i + config.batch_size]
+        _, robust[b] = attacks.pgd(
+            model_fn, images[b], labels[b], eps, min(step, eps) if eps > 0 else step, iterations,
+            norm=np.inf if norm == "inf" else 2, loss=attacks.loss_function(loss, model),
+            restarts=config.restarts, seed=config.seed,
+        )
+    return robust
+
+
+def gradient_attacks(model, model_fn, images, labels, clean, runs, config, progress=None):
+    """Every PGD run of `runs` on the clean-correct examples.
+
+    Returns:
+        `(results, worst)`: one result dict per run (norm, eps, loss, iterations, restarts,
+        accuracy, scope "all"), and {(norm, eps): bool [N]} the per-example worst case.
+    """
+    results, worst = [], {}
+    for run in runs:
+        norm, eps, loss, iterations, _ = run
+        robust = _pgd(model, model_fn, images, labels, clean, run, config)
+        worst[(norm, eps)] = worst.get((norm, eps), clean.copy()) & robust
+        results.append({"norm": norm, "eps": float(eps), "loss": loss, "iterations": iterations,
+                        "restarts": config.restarts, "accuracy": float(robust.mean()), "scope": "all"})
+        if progress:
+            progress(len(results))
+    return results, worst
+
+
+def stronger_attack(model, model_fn, images, labels, results, worst, config, progress=None):
+    """At each `stronger_eps`, the strongest loss again with `stronger_factor` x the
+    iterations on the examples every run left standing (does 20 iterations converge?).
+    Updates `worst` and appends the runs to `results` (scope "survivors").
+
+    Returns:
+        {eps key: the run's loss, iterations, restarts, worst case before and after}.
+    """
+    stronger = {}
+    for eps in config.stronger_eps:
+        key = ("inf", eps)
+        per_loss = {a["loss"]: a["accuracy"] for a in results if a["norm"] == "inf" and a["eps"] == eps}
+        loss = min(per_loss, key=lambda k: (per_loss[k], k != "margin"))
+        iterations = config.iterations * config.stronger_factor
+        before = worst[key].copy()
+        worst[key] &= _pgd(model, model_fn, images, labels, before, ("inf", eps, loss, iterations, config.step), config)
+        stronger[_eps_key(eps)] = {"loss": loss, "iterations": iterations, "restarts": config.restarts,
+                                   "accuracy_before": float(before.mean()),
+                                   "accuracy_after": float(worst[key].mean())}
+        results.append({"norm": "inf", "eps": float(eps), "loss": loss, "iterations": iterations,
+                        "restarts": config.restarts, "accuracy": float(worst[key].mean()), "scope": "survivors"})
+        if progress:
+            progress(len(results))
+    return stronger
+
+
+def gradient_free_attack(model_fn, images, labels, clean, results, worst, config, progress=None):
+    """Square at each `square_eps` on every clean-correct example: its own accuracy is
+    comparable with each PGD loss's, and what it alone breaks joins the worst case.
+    Updates `worst` and appends the runs to `results`.
+
+    Returns:
+        {eps key: Square's accuracy, the gradient-only worst case, the worst case with
+        Square, and the fraction only Square broke}.
+    """
+    gradient_free = {}
+    for eps in config.square_eps:
+        key = ("inf", eps)
+        robust = np.zeros(len(labels), bool)
+        index = np.flatnonzero(clean)
+        if len(index):
+            _, robust[index] = attacks.square(model_fn, images[index], labels[index], eps,
+                                              queries=config.square_queries, seed=config.seed,
+                                              batch_size=config.batch_size)
+        gradient_worst = worst[key].copy()
+        worst[key] &= robust
+        gradient_free[_eps_key(eps)] = {
+            "attack": "square", "queries": config.square_queries,
+            "accuracy": float(robust.mean()),
+            "gradient_worst_case": float(gradient_worst.mean()),
+            "worst_case_with_square": float(worst[key].mean()),
+            "broken_only_by_square": float((gradient_worst & ~robust).mean()),
+        }
+        results.append({"norm": "inf", "eps": float(eps), "loss": "square", "iterations": config.square_queries,
+                        "restarts": 1, "accuracy": float(robust.mean()), "scope": "all"})
+        if progress:
+            progress(len(results))
+    return gradient_free
+
+
 def evaluate_robustness(model, images, labels, config, progress=None):
     """Attacks and certifies a ClusTR model on (images, labels).
 
@@ -73,117 +208,30 @@ def evaluate_robustness(model, images, labels, config, progress=None):
         after it), `gradient_free` (eps key -> Square's accuracy, the gradient-only worst
         case, the worst case with Square, and the fraction only Square broke).
     """
-    for name in ("square_eps", "stronger_eps"):
-        extra = [e for e in getattr(config, name) if e not in config.linf_eps]
-        if extra:
-            raise ValueError(f"`{name}` must be a subset of `linf_eps`. Received: {extra} not in {config.linf_eps}")
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels).reshape(-1)
-    model_fn = attacks.logits_function(model, config.neighbours)
-    n = len(labels)
-    batches = [slice(i, min(i + config.batch_size, n)) for i in range(0, n, config.batch_size)]
-
-    # One backbone pass gives the clean decisions (the same logits model_fn gives) and
-    # the certificate of the model's certified rule (`models.Classifier`): the nearest
-    # center for ClusTR, the linear head for a baseline.
-    features = np.concatenate([model.embed(images[b], training=False).numpy() for b in batches])
-    logits = np.concatenate([model.logits_from_features(features[b], config.neighbours).numpy() for b in batches])
-    radius_f, classes, _ = model.certify_features(features)
-    clean = logits.argmax(1) == labels
-    bound = lipschitz.model_bound(model.backbone)
-    radii = certify.certified_radius(radius_f, bound)
-    certified_correct = classes == labels
-
-    unbounded = config.unbounded_check and not any(e >= 1.0 for e in config.linf_eps)
-    runs = [("inf", e, loss, config.iterations, config.step) for e in config.linf_eps for loss in config.losses]
-    # l2 steps are eps / 4 (the l_inf step in pixels would move an l2 attack too little).
-    runs += [("2", e, loss, config.iterations, e / 4) for e in config.l2_eps if e > 0 for loss in config.losses]
-    runs += [("2", e, loss, config.iterations, config.step) for e in config.l2_eps if e == 0 for loss in config.losses]
-    if unbounded:
-        runs.append(("inf", 1.0, "margin", config.iterations, 0.1))
+    runs = plan(config)
     total = len(runs) + len(config.stronger_eps) + len(config.square_eps)
-    worst = {}
-    results = []
-
-    def pgd_run(norm, eps, loss, iterations, step, subset):
-        robust = np.zeros(n, bool)
-        index = np.flatnonzero(subset)
-        for i in range(0, len(index), config.batch_size):
-            b = index[i : i + config.batch_size]
-            _, robust[b] = attacks.pgd(
-                model_fn, images[b], labels[b], eps, min(step, eps) if eps > 0 else step,
-                iterations, norm=np.inf if norm == "inf" else 2, loss=attacks.loss_function(loss, model),
-                restarts=config.restarts, seed=config.seed,
-            )
-        return robust
-
-    for norm, eps, loss, iterations, step in runs:
-        robust = pgd_run(norm, eps, loss, iterations, step, clean)
-        key = (norm, eps)
-        worst[key] = worst.get(key, clean.copy()) & robust
-        results.append({"norm": norm, "eps": float(eps), "loss": loss, "iterations": iterations,
-                        "restarts": config.restarts, "accuracy": float(robust.mean()), "scope": "all"})
-        if progress:
-            progress(len(results), total)
-
+    report = (lambda done: progress(done, total)) if progress else None
+    model_fn = attacks.logits_function(model, config.neighbours)
+    clean = clean_pass(model, images, labels, config)
+    results, worst = gradient_attacks(model, model_fn, images, labels, clean["clean"], runs, config, report)
     pgd_worst = {_eps_key(e): float(worst[("inf", e)].mean()) for norm, e in sorted(worst) if norm == "inf"}
-
-    # Does a 5x stronger PGD break what every run left standing? If so, 20 iterations
-    # had not converged and the headline is too high.
-    stronger = {}
-    for eps in config.stronger_eps:
-        key = ("inf", eps)
-        per_loss = {a["loss"]: a["accuracy"] for a in results if a["norm"] == "inf" and a["eps"] == eps}
-        loss = min(per_loss, key=lambda k: (per_loss[k], k != "margin"))
-        iterations = config.iterations * config.stronger_factor
-        before = worst[key].copy()
-        worst[key] &= pgd_run("inf", eps, loss, iterations, config.step, before)
-        stronger[_eps_key(eps)] = {"loss": loss, "iterations": iterations, "restarts": config.restarts,
-                                   "accuracy_before": float(before.mean()),
-                                   "accuracy_after": float(worst[key].mean())}
-        results.append({"norm": "inf", "eps": float(eps), "loss": loss, "iterations": iterations,
-                        "restarts": config.restarts, "accuracy": float(worst[key].mean()),
-                        "scope": "survivors"})
-        if progress:
-            progress(len(results), total)
-
-    # The gradient-free attack, on every correctly classified example: its own accuracy
-    # is comparable with each PGD loss's, and what it alone breaks joins the worst case.
-    gradient_free = {}
-    for eps in config.square_eps:
-        key = ("inf", eps)
-        robust = np.zeros(n, bool)
-        index = np.flatnonzero(clean)
-        if len(index):
-            _, robust[index] = attacks.square(model_fn, images[index], labels[index], eps,
-                                              queries=config.square_queries, seed=config.seed,
-                                              batch_size=config.batch_size)
-        gradient_worst = worst[key].copy()
-        worst[key] &= robust
-        gradient_free[_eps_key(eps)] = {
-            "attack": "square", "queries": config.square_queries,
-            "accuracy": float(robust.mean()),
-            "gradient_worst_case": float(gradient_worst.mean()),
-            "worst_case_with_square": float(worst[key].mean()),
-            "broken_only_by_square": float((gradient_worst & ~robust).mean()),
-        }
-        results.append({"norm": "inf", "eps": float(eps), "loss": "square", "iterations": config.square_queries,
-                        "restarts": 1, "accuracy": float(robust.mean()), "scope": "all"})
-        if progress:
-            progress(len(results), total)
-
+    stronger = stronger_attack(model, model_fn, images, labels, results, worst, config, report)
+    gradient_free = gradient_free_attack(model_fn, images, labels, clean["clean"], results, worst, config, report)
     linf = sorted({e for norm, e in worst if norm == "inf"})
+    certified_correct, radii = clean["certified_correct"], clean["radii"]
     return {
-        "num_examples": n,
-        "clean_accuracy": float(clean.mean()),
+        "num_examples": len(labels),
+        "clean_accuracy": float(clean["clean"].mean()),
         "nearest_center_accuracy": (float(certified_correct.mean()) if model.certified_rule == "nearest center"
                                     else None),
         "attacks": results,
         "robust_accuracy": {_eps_key(e): float(worst[("inf", e)].mean()) for e in linf},
         "robust_accuracy_l2": {f"{e:g}": float(worst[("2", e)].mean()) for e in config.l2_eps},
-        "lipschitz_bound": bound,
+        "lipschitz_bound": clean["lipschitz_bound"],
         "certified_accuracy": certify.certified_accuracy(radii, certified_correct, config.radii),
-        "median_certified_radius": float(np.median(np.where(certified_correct, radii, 0.0))) if n else 0.0,
+        "median_certified_radius": float(np.median(np.where(certified_correct, radii, 0.0))) if len(labels) else 0.0,
         "robust_accuracy_pgd": pgd_worst,
         "stronger_attack": stronger,
         "gradient_free": gradient_free,

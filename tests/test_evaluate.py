@@ -226,5 +226,21 @@ class EvaluateBinaryTest(parameterized.TestCase):
         self.assertIn("Cannot load", out.stderr.strip().splitlines()[-1])
 
 
+class StagesTest(absltest.TestCase):
+    """Each stage of `evaluate_robustness` on its own."""
+
+    def test_plan(self):
+        config = evaluation.EvalConfig(linf_eps=(2 / 255, 8 / 255), l2_eps=(0.5,), losses=("margin", "official"),
+                                       square_eps=(8 / 255,), stronger_eps=())
+        runs = evaluation.plan(config)
+        self.assertEqual([(r[0], r[2]) for r in runs],
+                         [("inf", "margin"), ("inf", "official")] * 2 + [("2", "margin"), ("2", "official"),
+                                                                         ("inf", "margin")])
+        self.assertEqual(runs[4][4], 0.5 / 4)  # l2 step: eps / 4
+        self.assertEqual(runs[-1][1:], (1.0, "margin", 20, 0.1))  # the unbounded check
+        with self.assertRaisesRegex(ValueError, "`square_eps` must be a subset of `linf_eps`"):
+            evaluation.plan(evaluation.EvalConfig(square_eps=(3 / 255,)))
+
+
 if __name__ == "__main__":
     absltest.main()
