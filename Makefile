@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   virtualenv + requirements, then python training/main.py (digits)
 #   make test    virtualenv + requirements, then the test suite
-# and, with Debian's Bazel 4.2.3 installed (README: "Building and testing with Bazel"):
+# and, with Debian's Bazel 4.2.3 installed (docs/building.md: "Building and testing with Bazel"):
 #   make bazel-test   virtualenv + requirements, then bazel test //... offline on that virtualenv
 PYTHON ?= python3
 VENV ?= .venv
@@ -41,7 +41,7 @@ bazel-check:
 	  echo "make bazel-test: /usr/share/bazel/rules/java is missing (WORKSPACE needs Debian's rules_java). As root:"; \
 	  echo "    $(BAZEL_INSTALL)"; exit 1; } >&2
 	@$(BAZEL) --version 2>/dev/null | grep -Eq '^bazel (no_version|4\.)' || \
-	  echo "make bazel-test: warning: '$(BAZEL)' is not Bazel 4.x; this WORKSPACE is made for Debian's 4.2.3 (see README)." >&2
+	  echo "make bazel-test: warning: '$(BAZEL)' is not Bazel 4.x; this WORKSPACE is made for Debian's 4.2.3 (see docs/building.md)." >&2
 
 # The Python toolchain is this virtualenv's interpreter (bazel/python.bzl).
 BAZEL_PYTHON := --repo_env=CLUSTR_PYTHON=$(abspath $(PY))

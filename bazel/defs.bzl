@@ -2,7 +2,7 @@
 
 Bazel 4.2.3 (Debian's, used here) has the Python rules built in; a current Bazel takes them
 from rules_python. Every BUILD file loads them from here, so moving to rules_python is a
-change to this file only (see README.md, "Building and testing with Bazel"):
+change to this file only (see docs/building.md, "Building and testing with Bazel"):
 
     load("@rules_python//python:defs.bzl", _py_binary = "py_binary", ...)
 """

@@ -1,4 +1,4 @@
-"""The full robustness evaluation of a run, recorded for README.md.
+"""The full robustness evaluation of a run, recorded for docs/evaluation.md.
 
     python benchmarks/robustness_eval.py --name=digits
     python benchmarks/robustness_eval.py --name=cifar10 --model_dir=runs/cifar10-resnet18-w025

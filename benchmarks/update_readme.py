@@ -1,14 +1,19 @@
-"""Rewrites the results blocks of README.md from benchmarks/results/*.json.
+"""Rewrites the results blocks of README.md and docs/*.md from benchmarks/results/*.json,
+and the binaries' flag tables from their own flag definitions.
 
     python benchmarks/update_readme.py
 
 Each block sits between `<!-- NAME -->` and `<!-- end NAME -->` markers; a block whose
-result file is missing is left as it is. Numbers in README.md come only from here.
+result file is missing is left as it is. Numbers and flag references in the documents come
+only from here (tests/test_update_readme.py checks that the committed ones are current).
 """
 
+import functools
 import json
 import os
 import re
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -220,25 +225,85 @@ BLOCKS = {
 }
 
 
+# The flag references: each binary's flags, read from its own `define_flags` (in a fresh
+# process, where absl's global flags are empty), rendered as a table.
+BINARIES = {
+    "flags-main": "training/main.py",
+    "flags-evaluate": "training/evaluate.py",
+    "flags-export": "export/export_model.py",
+}
+_FLAGS_PROGRAM = """
+import json, os, sys
+root, path = sys.argv[1], sys.argv[2]
+sys.path[:0] = [root, os.path.join(root, os.path.dirname(path))]
+name = os.path.splitext(os.path.basename(path))[0]
+module = __import__(name)
+module.define_flags()
+from absl import flags
+rows = [[f.name, f.default, f.help, f.flag_type()] for f in flags.FLAGS.flags_by_module_dict()[name]]
+print(json.dumps(rows))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def binary_flags(path):
+    """[(name, default, help, type)] of the flags a binary defines, in definition order."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", _FLAGS_PROGRAM, ROOT, path], capture_output=True, text=True,
+                         env=env, check=True, timeout=300)
+    return tuple(tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def flag_table(path):
+    def shown(default, kind):
+        if kind == "bool":
+            return "on" if default else "off"
+        return "none" if default is None else f"`{default}`"
+
+    lines = [f"`python {path}`, generated from its flag definitions by `benchmarks/update_readme.py`:", "",
+             "| flag | default | meaning |", "|---|---|---|"]
+    for name, default, help_text, kind in binary_flags(path):
+        flag = f"--[no]{name}" if kind == "bool" else f"--{name}"
+        lines.append(f"| `{flag}` | {shown(default, kind)} | {' '.join(help_text.split()).replace('|', '/')} |")
+    return lines
+
+
 def render(text):
-    for marker, (name, fn) in BLOCKS.items():
-        result = _load(name)
+    """`text` with every results block and flag table it has rewritten."""
+    blocks = [(marker, lambda name=name, fn=fn: (lambda r: None if r is None else fn(r))(_load(name)))
+              for marker, (name, fn) in BLOCKS.items()]
+    blocks += [(marker, lambda path=path: flag_table(path)) for marker, path in BINARIES.items()]
+    for marker, make in blocks:
         start_tag, end_tag = f"<!-- {marker} -->", f"<!-- end {marker} -->"
-        if result is None or start_tag not in text:
+        if start_tag not in text:
+            continue
+        lines = make()
+        if lines is None:  # no result file: the block stays as it is
             continue
         start = text.index(start_tag)
         end = text.index(end_tag, start) + len(end_tag) if end_tag in text[start:] else start + len(start_tag)
-        text = text[:start] + "\n".join([start_tag, *fn(result), end_tag]) + text[end:]
+        text = text[:start] + "\n".join([start_tag, *lines, end_tag]) + text[end:]
     return text
 
 
+def documents():
+    """README.md and docs/*.md: the files that hold results blocks and flag tables."""
+    docs = os.path.join(ROOT, "docs")
+    names = sorted(n for n in os.listdir(docs) if n.endswith(".md")) if os.path.isdir(docs) else []
+    return [os.path.join(ROOT, "README.md")] + [os.path.join(docs, n) for n in names]
+
+
 def main():
-    path = os.path.join(ROOT, "README.md")
-    with open(path) as fh:
-        text = fh.read()
-    with open(path, "w") as fh:
-        fh.write(render(text))
-    print(json.dumps({"updated": path}))
+    updated = []
+    for path in documents():
+        with open(path) as fh:
+            text = fh.read()
+        rendered = render(text)
+        if rendered != text:
+            with open(path, "w") as fh:
+                fh.write(rendered)
+            updated.append(os.path.relpath(path, ROOT))
+    print(json.dumps({"updated": updated}))
 
 
 if __name__ == "__main__":

@@ -198,6 +198,20 @@ class ReadmeExampleTest(absltest.TestCase):
         self.assertIn("history", namespace)
         self.assertTrue(np.all(np.isfinite(namespace["history"].history["loss"])))
 
+    def test_readme_run_example_runs(self):
+        """Runs the second ```python block of README.md (a whole run from a RunConfig)."""
+        with open(os.path.join(ROOT, "README.md")) as fh:
+            code = re.findall(r"```python\n(.*?)```", fh.read(), re.S)[1]
+        self.assertIn("training.run(", code)
+        cwd = os.getcwd()
+        os.chdir(_tempdir(self))
+        try:
+            namespace = {}
+            exec(compile(code, "README.md", "exec"), namespace)
+        finally:
+            os.chdir(cwd)
+        self.assertGreater(namespace["metrics"]["clean_accuracy"], 0.9)  # digits keep their accuracy
+
 
 if __name__ == "__main__":
     absltest.main()

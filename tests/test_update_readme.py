@@ -14,15 +14,32 @@ spec.loader.exec_module(update_readme)
 
 class UpdateReadmeTest(absltest.TestCase):
     def test_every_saved_result_renders_between_its_markers(self):
-        with open(os.path.join(ROOT, "README.md")) as fh:
-            readme = fh.read()
-        rendered = update_readme.render(readme)
+        texts = {}
+        for path in update_readme.documents():
+            with open(path) as fh:
+                texts[path] = fh.read()
+        everything = "\n".join(texts.values())
         for marker, (name, _) in update_readme.BLOCKS.items():
-            self.assertIn(f"<!-- {marker} -->", readme, marker)
+            self.assertIn(f"<!-- {marker} -->", everything, marker)
             if os.path.exists(os.path.join(update_readme.RESULTS, name)):
-                block = rendered.split(f"<!-- {marker} -->")[1].split(f"<!-- end {marker} -->")[0]
+                block = everything.split(f"<!-- {marker} -->")[1].split(f"<!-- end {marker} -->")[0]
                 self.assertGreater(len(block.strip()), 20, marker)
-        self.assertEqual(update_readme.render(rendered), rendered)  # idempotent
+        for path, text in texts.items():
+            rendered = update_readme.render(text)
+            # The committed documents are current: their numbers and flag tables are what
+            # the results files and the binaries' flag definitions give today.
+            self.assertEqual(rendered, text, f"{path} is stale: run python benchmarks/update_readme.py")
+            self.assertEqual(update_readme.render(rendered), rendered)  # idempotent
+
+    def test_flag_tables_list_every_flag_of_each_binary(self):
+        for marker, path in update_readme.BINARIES.items():
+            table = "\n".join(update_readme.flag_table(path))
+            names = [row[0] for row in update_readme.binary_flags(path)]
+            self.assertGreater(len(names), 3, path)
+            for name, _, _, kind in update_readme.binary_flags(path):
+                self.assertIn(f"`--[no]{name}`" if kind == "bool" else f"`--{name}`", table)
+        main_flags = {row[0] for row in update_readme.binary_flags("training/main.py")}
+        self.assertTrue({"consistency", "init_checkpoint", "data_mirror", "magnet_cap"} <= main_flags)
 
     def test_reproduce_table_marks_missing_methods_and_failed_checks(self):
         method = {

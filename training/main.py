@@ -35,7 +35,9 @@ def define_flags():
     flags.DEFINE_string(
         "dataset", "digits", f"One of {sorted(config_lib.DATASET_CLASSES) + list(config_lib.FOLDER_DATASETS)}."
     )
-    flags.DEFINE_string("data_dir", None, "Where datasets live (TFDS data_dir).")
+    flags.DEFINE_string("data_dir", None, "Where the data is: an original release (CIFAR's python or binary tarball "
+                        "or folder, SVHN's .mat files), an image folder or .tar.gz (split/class/image), or a TFDS "
+                        "data_dir (docs/training.md, Data).")
     flags.DEFINE_bool("download", True, "Download a TFDS dataset missing from --data_dir.")
     flags.DEFINE_string("data_mirror", None, "Download the original release files from this URL (URL/<file name>) "
                         "instead of their publishers' sites; each must match TFDS's registered checksum.")
