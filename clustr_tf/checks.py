@@ -1,32 +1,35 @@
-"""Argument checks shared by the library: each raises `ValueError` naming the argument and
-what was received, the way every error of this library reads."""
+"""Argument checks shared by the library: each raises an error naming the argument (in
+backticks) and what was received, the way every error of this library reads. `error` is the
+exception class (default ValueError; `clustr_tf.config` passes its `ConfigError`)."""
 
 import numbers
 
 
-def positive_int(name, value):
-    """Returns `value` if it is an integer >= 1 (bools are not), else raises ValueError."""
+def positive_int(name, value, error=ValueError, optional=False):
+    """Returns `value` if it is an integer >= 1 (bools are not; None too when `optional`)."""
+    if optional and value is None:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1. Received: {value!r}")
+        raise error(f"`{name}` must be an integer >= 1. Received: {value!r}")
     return value
 
 
-def integer(name, value):
-    """Returns `value` if it is an integer (bools are not), else raises ValueError."""
+def integer(name, value, error=ValueError):
+    """Returns `value` if it is an integer (bools are not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"`{name}` must be an integer. Received: {value!r}")
+        raise error(f"`{name}` must be an integer. Received: {value!r}")
     return value
 
 
-def one_of(name, value, choices):
-    """Returns `value` if it is one of `choices`, else raises ValueError listing them."""
+def one_of(name, value, choices, error=ValueError):
+    """Returns `value` if it is one of `choices`; the error lists them."""
     if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(str, choices))}. Received: {value!r}")
+        raise error(f"Unknown `{name}`. Expected one of {', '.join(map(str, choices))}. Received: {value!r}")
     return value
 
 
-def non_negative(name, value):
-    """Returns `value` if it is a number >= 0 (not NaN), else raises ValueError."""
+def non_negative(name, value, error=ValueError):
+    """Returns `value` if it is a number >= 0 (not NaN)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"`{name}` must be >= 0. Received: {value!r}")
+        raise error(f"`{name}` must be >= 0. Received: {value!r}")
     return value

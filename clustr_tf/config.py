@@ -25,6 +25,8 @@ import datetime
 import os
 import re
 
+from clustr_tf import checks
+
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
 # Datasets whose classes are read from data_dir (the sorted class folders).
 FOLDER_DATASETS = ("image_folder",)
@@ -48,20 +50,15 @@ def _fail(message):
 
 
 def _positive_int(name, value, optional=False):
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(f"`{name}` must be >= 1. Received: {value!r}")
+    checks.positive_int(name, value, ConfigError, optional)
 
 
 def _non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        _fail(f"`{name}` must be >= 0. Received: {value!r}")
+    checks.non_negative(name, value, ConfigError)
 
 
 def _choice(name, value, choices):
-    if value not in choices:
-        _fail(f"Unknown `{name}`. Expected one of {', '.join(choices)}. Received: {value!r}")
+    checks.one_of(name, value, choices, ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,7 +95,7 @@ class ClusTRObjectiveTest(absltest.TestCase):
         np.testing.assert_allclose(recorded, result.record.numpy(), rtol=1e-5)
 
     def test_bad_settings(self):
-        with self.assertRaisesRegex(ValueError, "`consistency` must be one of official, kl. Received: 'mse'"):
+        with self.assertRaisesRegex(ValueError, "Unknown `consistency`. Expected one of official, kl. Received: 'mse'"):
             objectives.ClusTR(consistency="mse")
         with self.assertRaisesRegex(ValueError, "`m` must be an integer >= 1. Received: 0"):
             objectives.ClusTR(m=0)
