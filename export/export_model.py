@@ -3,30 +3,11 @@
     python export/export_model.py --model_dir=RUN --export_dir=BASE [--version=N]
 
 writes `BASE/N/` (TF Serving's layout; N defaults to the next free version, an existing
-version is never overwritten) with three signatures, the contract of ../DESIGN.md:
-
-- `serving_default`: `images` float32 [batch, H, W, C] in [0, 1] -> `probabilities`
-  float32 [batch, classes] (soft kNC over the run's evaluation L nearest clusters) and
-  `classes` int64 [batch] (their argmax);
-- `certify`: `images` -> `classes` int64 [batch] (nearest-center class), `radius` float32
-  [batch] (certified l2 radius in pixel space), `feature_radius` float32 [batch],
-  `lipschitz_bound` float32 [batch] (the same stored bound on every row), `runner_up`
-  int64 [batch] (the class the decision would change to first): the theorem of
-  `clustr_tf.certify.feature_radius`, run inside the graph in float64 on the features;
-  radius = feature_radius / lipschitz_bound;
-- `embed`: `images` -> `embeddings` float32 [batch, D].
-
-The graph checks every request first (rank, image size and channels, finite values in
-[0, 1]) and fails it with a readable `InvalidArgumentError` (INVALID_ARGUMENT in TF
-Serving, which does not check input shapes itself). The Lipschitz bound of the backbone
-(`clustr_tf.lipschitz.model_bound`) is computed at export and stored in the model as a
-variable. `assets.extra/tf_serving_warmup_requests` holds one PredictionLog per signature;
-`assets.extra/clustr_export.json` describes the export. The SavedModel needs plain
-TensorFlow only: this project need not be installed where it is served.
-
-The library does the work (`clustr_tf.serving.export(model, export_dir, ...)`, which
-`training/main.py --export_dir=BASE` calls at the end of training); this binary loads a run
-directory and checks its flags.
+version is never overwritten) with the signatures `serving_default`, `certify` and `embed`
+of ../DESIGN.md. The library does the work (`clustr_tf.serving`, whose docstring describes
+the signatures, the request checks, the stored Lipschitz bound and the warmup requests;
+`training/main.py --export_dir=BASE` calls it at the end of training); this binary loads a
+run directory, takes L from its config.json and checks its flags.
 """
 
 import json

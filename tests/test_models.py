@@ -183,33 +183,30 @@ class SaveReloadTest(absltest.TestCase):
         np.testing.assert_allclose(np.load(path + ".out.npy"), model.predict(images[:5], verbose=0), atol=1e-5)
 
 
+def _run_readme_block(test, index):
+    """Runs the `index`-th ```python block of README.md in a fresh folder; its namespace."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        code = re.findall(r"```python\n(.*?)```", fh.read(), re.S)[index]
+    cwd = os.getcwd()
+    os.chdir(_tempdir(test))
+    try:
+        namespace = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    return namespace
+
+
 class ReadmeExampleTest(absltest.TestCase):
     def test_readme_fit_example_runs(self):
-        """Runs the first ```python block of README.md (the model.fit example)."""
-        with open(os.path.join(ROOT, "README.md")) as fh:
-            code = re.search(r"```python\n(.*?)```", fh.read(), re.S).group(1)
-        cwd = os.getcwd()
-        os.chdir(_tempdir(self))
-        try:
-            namespace = {}
-            exec(compile(code, "README.md", "exec"), namespace)
-        finally:
-            os.chdir(cwd)
+        """The first ```python block of README.md (the model.fit example)."""
+        namespace = _run_readme_block(self, 0)
         self.assertIn("history", namespace)
         self.assertTrue(np.all(np.isfinite(namespace["history"].history["loss"])))
 
     def test_readme_run_example_runs(self):
-        """Runs the second ```python block of README.md (a whole run from a RunConfig)."""
-        with open(os.path.join(ROOT, "README.md")) as fh:
-            code = re.findall(r"```python\n(.*?)```", fh.read(), re.S)[1]
-        self.assertIn("training.run(", code)
-        cwd = os.getcwd()
-        os.chdir(_tempdir(self))
-        try:
-            namespace = {}
-            exec(compile(code, "README.md", "exec"), namespace)
-        finally:
-            os.chdir(cwd)
+        """The second ```python block of README.md (a whole run from a RunConfig)."""
+        namespace = _run_readme_block(self, 1)
         self.assertGreater(namespace["metrics"]["clean_accuracy"], 0.9)  # digits keep their accuracy
 
 
