@@ -55,6 +55,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import machine  # noqa: E402
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 METHODS = ("cross_entropy", "clustr", "clustr_from_ce", "clustr_qtrades", "clustr_qtrades_kl", "pgd_at")
 LABELS = {
@@ -187,18 +189,7 @@ def evaluate(method, args):
 
 def _machine():
     return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "cpu_model": _cpu_model()}
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+            "cpu_model": machine.cpu_model()}
 
 
 def _row(method, args):

@@ -30,21 +30,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import machine  # noqa: E402
 
 TARGET_RATIO = 1.25
 SIGNATURES = ("serving_default", "certify", "embed")
-
-
-def _cpu_name():
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name
 
 
 def _system_cpu():
@@ -179,7 +169,7 @@ def main():
                             "calls_per_signature": args.latency_calls},
         "target": {"certify_over_serving_default_max": TARGET_RATIO, "met": bool(ratio <= TARGET_RATIO)},
         "throughput": throughput,
-        "device": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
+        "device": {"cpu": machine.cpu_model(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
                    "python": platform.python_version(),
                    "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")},
         "others_cpu_share": {"latency": latency_load.value, "throughput": throughput_load.value},

@@ -14,6 +14,13 @@ classes: the pixel values do not change the time of a step), with the CIFAR ResN
 2. `clustr`: `Trainer._distributed_step()` (the step `Trainer.train` runs) on an iterator
    of the neighbourhood sampler's dataset, default strategy, same backbone and batch.
 3. `clustr_qtrades`: the same with `consistency_lambda=8` (ClusTR+QTRADES).
+With `--precisions=float32,bfloat16` (the default) the three steps are also timed with the
+backbone under Keras's `mixed_bfloat16` policy (`clustr_tf.precision`; heads and losses stay
+float32), each with its own model, all six interleaved round by round: `precisions` holds
+every step's summary and `precision_ratios` the bfloat16/float32 step-time and CPU-second
+ratios per objective (< 1: bfloat16 is faster). The `device` record lists the CPU features
+low precision depends on (AVX512-BF16, AMX); on a CPU with neither, TensorFlow emulates
+bfloat16 in float32 and `bfloat16_note` says the bfloat16 times measure that emulation.
 4. `sampler`: batches per second of `NeighbourhoodSampler.dataset()` alone, against the
    ClusTR step's consumption rate (`sampler_to_step_ratio`).
 5. `refresh`: one `trainer.objective.cluster_refresh(trainer).refresh()` (embedding pass + per-class k-means +
@@ -53,6 +60,8 @@ from absl import logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import machine  # noqa: E402
 
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "train_throughput.json")
 NUM_CLASSES = 10
@@ -83,26 +92,23 @@ def define_flags():
     flags.DEFINE_bool("augment", True, "Use the CIFAR-10 augmentation in the sampler's dataset.")
     flags.DEFINE_bool("breakdown", True, "Also time the QTRADES attack and an inference forward.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_list("precisions", ["float32", "bfloat16"], "Precisions of the three steps, float32 first "
+                      "(clustr_tf.precision; the sampler, breakdown and refresh are float32 only).")
     flags.DEFINE_string("out", DEFAULT_OUT, "Where to write the JSON result.")
 
 
 def device_description():
-    """CPU model, core count, accelerators and library versions."""
+    """CPU model, core count, the CPU features low precision depends on, accelerators and
+    library versions."""
     import keras
     import tensorflow as tf
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    features = machine.cpu_features()
     return {
-        "cpu": cpu,
+        "cpu": machine.cpu_model(),
         "cpu_cores": os.cpu_count(),
+        "cpu_features": features,
+        "native_bfloat16": machine.native_bfloat16(features),
         "accelerators": [
             d.name for d in tf.config.list_physical_devices() if d.device_type != "CPU"
         ],
@@ -227,6 +233,7 @@ def run(f):
     from clustr_tf import clustering
     from clustr_tf import models
     from clustr_tf import objectives
+    from clustr_tf import precision
     from clustr_tf import sampler as sampler_lib
     from clustr_tf import training
 
@@ -245,6 +252,11 @@ def run(f):
             f"--train_images must be >= num_classes * k * d = {NUM_CLASSES * f.k * d} so that "
             f"every initial cluster holds d examples. Received: {f.train_images}"
         )
+    for compute in f.precisions:
+        precision.check(compute, app.UsageError, "--precisions")
+    if not f.precisions or f.precisions[0] != "float32" or len(set(f.precisions)) != len(f.precisions):
+        raise app.UsageError(f"--precisions must start with float32 (the reference), each once. "
+                             f"Received: {','.join(f.precisions)}")
     keras.utils.set_random_seed(f.seed)
     rng = np.random.default_rng(f.seed)
     images = rng.integers(0, 256, size=(f.train_images, *IMAGE_SHAPE), dtype=np.uint8)
@@ -287,43 +299,50 @@ def run(f):
             "optimizer": "Adam(1e-4)",
             "jit_compile": False,
             "strategy": "default (tf.distribute.get_strategy())",
+            "precisions": list(f.precisions),
             "xent_step": "model.compile(...) + model.train_on_batch (Keras-traced tf.function)",
             "clustr_step": "Trainer._distributed_step() on iter(Trainer._dataset(0))",
         },
         "device": device_description(),
     }
 
-    # ---- 1. cross-entropy baseline ----------------------------------------------------------
-    logging.info("xent: building")
-    inputs = keras.Input(IMAGE_SHAPE)
-    xent_model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(backbone()(inputs)))
-    xent_model.compile(
-        optimizer=keras.optimizers.Adam(1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=False,
-    )
+    # ---- 1-3. the three steps, in each precision ---------------------------------------------
+    # Per precision: the cross-entropy Keras step, the ClusTR step and the ClusTR+QTRADES
+    # step, each with its own model whose backbone is built under that precision's policy
+    # (clustr_tf.precision); heads and losses are float32 in every precision.
     x_batch = tf.constant(images[:batch].astype(np.float32) / 255.0)
     y_batch = tf.constant(labels[:batch])
-    xent = Timer(lambda: xent_model.train_on_batch(x_batch, y_batch))
-
-    # ---- 2. ClusTR step --------------------------------------------------------------------
     strategy = tf.distribute.get_strategy()
     sampler = sampler_lib.NeighbourhoodSampler(
         images, labels, num_classes=NUM_CLASSES, clusters_per_class=f.k, m=m, d=d, seed=f.seed
     )
     tmp = tempfile.TemporaryDirectory()
 
-    def make_trainer(consistency_lambda, name):
+    def make_xent(name):
+        with precision.policy_scope(name):
+            net = backbone()
+        inputs = keras.Input(IMAGE_SHAPE)
+        model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES, dtype="float32")(net(inputs)))
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-4),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=False,
+        )
+        return model
+
+    def make_trainer(consistency_lambda, name, compute):
         with strategy.scope():
-            model = models.ClusTRModel(backbone(), NUM_CLASSES, clusters_per_class=f.k)
+            with precision.policy_scope(compute):
+                net = backbone()
+            model = models.ClusTRModel(net, NUM_CLASSES, clusters_per_class=f.k)
             optimizer = keras.optimizers.Adam(1e-4)
         config = training.TrainConfig(
             epochs=1, steps_per_epoch=1, consistency_lambda=consistency_lambda,
             eval_batch_size=f.eval_batch_size, seed=f.seed, jit_compile=False,
         )
         return training.Trainer(
-            model, optimizer, sampler, strategy, os.path.join(tmp.name, name), config,
+            model, optimizer, sampler, strategy, os.path.join(tmp.name, f"{name}-{compute}"), config,
             augment=augment,
         )
 
@@ -333,30 +352,65 @@ def run(f):
         # Returns the batch size (a cluster smaller than d gives all its examples only).
         return lambda: float(step_fn(iterator)["count"].numpy())
 
-    logging.info("clustr: building; first refresh (also the refresh warm-up)")
-    trainer = make_trainer(0.0, "clustr")
-    start = time.perf_counter()
-    trainer.objective.cluster_refresh(trainer).refresh()  # as Trainer.train does before the first step
-    first_refresh = time.perf_counter() - start
-    clustr = Timer(step_timer(trainer))
+    timers, keep, trainer, q_trainer = {}, [], None, None
+    for compute in f.precisions:
+        logging.info("%s: building the cross-entropy, ClusTR and ClusTR+QTRADES steps", compute)
+        xent_model = make_xent(compute)
+        keep.append(xent_model)
+        timers[compute, "xent"] = Timer(lambda model=xent_model: model.train_on_batch(x_batch, y_batch))
+        c_trainer = make_trainer(0.0, "clustr", compute)
+        if trainer is None:
+            logging.info("clustr: first refresh (also the refresh warm-up)")
+            trainer = c_trainer
+            start = time.perf_counter()
+            trainer.objective.cluster_refresh(trainer).refresh()  # as Trainer.train does before the first step
+            first_refresh = time.perf_counter() - start
+        qt = make_trainer(8.0, "qtrades", compute)
+        q_trainer = q_trainer or qt
+        layer = trainer.model.cluster_centers
+        for other in (c_trainer, qt):  # finite, refreshed-looking centers without a refresh
+            if other is not trainer:
+                other.model.cluster_centers.centers.assign(layer.centers)
+                other.model.cluster_centers.variance.assign(layer.variance)
+        keep.extend([c_trainer, qt])
+        timers[compute, "clustr"] = Timer(step_timer(c_trainer))
+        timers[compute, "clustr_qtrades"] = Timer(step_timer(qt))
 
-    # ---- 3. ClusTR+QTRADES step ------------------------------------------------------------
-    logging.info("clustr_qtrades: building")
-    q_trainer = make_trainer(8.0, "qtrades")
-    layer, q_layer = trainer.model.cluster_centers, q_trainer.model.cluster_centers
-    q_layer.centers.assign(layer.centers)  # finite, refreshed-looking centers without a refresh
-    q_layer.variance.assign(layer.variance)
-    qtrades = Timer(step_timer(q_trainer))
-
-    logging.info("steps: %d warm-up and %d timed rounds of xent, clustr, clustr_qtrades",
-                 f.warmup_steps, f.steps)
-    interleave([xent, clustr, qtrades], f.warmup_steps, f.steps)
+    logging.info("steps: %d warm-up and %d timed rounds of %d variants", f.warmup_steps, f.steps, len(timers))
+    interleave(list(timers.values()), f.warmup_steps, f.steps)
+    xent, clustr, qtrades = (timers["float32", name] for name in ("xent", "clustr", "clustr_qtrades"))
     result["xent"] = xent.summary(batch)
     result["clustr"] = clustr.summary(counted=True)
     result["clustr_qtrades"] = qtrades.summary(counted=True)
     for name in ("xent", "clustr", "clustr_qtrades"):
         logging.info("%s: %s", name, result[name])
-    del xent_model
+    result["precisions"] = {
+        compute: {name: timers[compute, name].summary(batch if name == "xent" else None, counted=name != "xent")
+                  for name in ("xent", "clustr", "clustr_qtrades")}
+        for compute in f.precisions
+    }
+    # Low precision against float32, per objective: step time and CPU seconds (< 1: faster).
+    result["precision_ratios"] = {
+        compute: {
+            name: {
+                "step_ratio": round(timers[compute, name].median / timers["float32", name].median, 3),
+                "cpu_ratio": round(statistics.median(timers[compute, name].cpu_times)
+                                   / statistics.median(timers["float32", name].cpu_times), 3),
+                "by_round": [round(a / b, 3) for a, b in zip(timers[compute, name].times,
+                                                             timers["float32", name].times)],
+            }
+            for name in ("xent", "clustr", "clustr_qtrades")
+        }
+        for compute in f.precisions if compute != "float32"
+    }
+    native = result["device"]["native_bfloat16"]
+    if "bfloat16" in f.precisions and native is False:
+        result["bfloat16_note"] = (
+            "This CPU has no native bfloat16 (neither AVX512-BF16 nor AMX-BF16): TensorFlow converts "
+            "bfloat16 to float32 and back, so the bfloat16 times measure that emulation, not bfloat16 "
+            "training on hardware that has it.")
+    logging.info("precision ratios: %s", result["precision_ratios"])
+    del keep
 
     if f.breakdown:
         q_model, q_config = q_trainer.model, q_trainer.config

@@ -59,6 +59,40 @@ def train_throughput(r):
     ]
 
 
+def precision_speed(r):
+    """The bfloat16/float32 table of train_throughput.json (its `precisions` and `precision_ratios`)."""
+    d, s = r["device"], r["settings"]
+    if "bfloat16" not in r.get("precisions", {}):
+        return ["No bfloat16 measurement in `benchmarks/results/train_throughput.json` "
+                "(rerun `python benchmarks/train_throughput.py`)."]
+    features = [name.upper().replace("_", "-") for name in ("avx512_bf16", "amx_bf16")
+                if (d.get("cpu_features") or {}).get(name)]
+    lines = [
+        f"ResNet-18 (width {s['width_multiplier']}), batch {s['batch']}, one training step, median of "
+        f"{s['steps']} interleaved rounds; {d['cpu']}, {d['cpu_cores']} cores "
+        f"({', '.join(features) if features else 'no native bfloat16'}"
+        f"{', no AMX' if features and 'AMX-BF16' not in features else ''}), TF {d['tensorflow']} "
+        f"({r.get('date', '')}):",
+        "",
+        "| objective | float32 step | bfloat16 step | bfloat16 / float32 (wall) | (CPU seconds) |",
+        "|---|---|---|---|---|",
+    ]
+    names = {"xent": "cross-entropy", "clustr": "ClusTR", "clustr_qtrades": "ClusTR+QTRADES"}
+    for key, name in names.items():
+        f32, bf16 = r["precisions"]["float32"][key], r["precisions"]["bfloat16"][key]
+        ratio = r["precision_ratios"]["bfloat16"][key]
+        lines.append(f"| {name} | {f32['step_s']:.2f} s | {bf16['step_s']:.2f} s | "
+                     f"**{ratio['step_ratio']:.2f}x** | {ratio['cpu_ratio']:.2f}x |")
+    shares = [r["precisions"][p][k]["cpu_share"] for p in ("float32", "bfloat16") for k in names]
+    share = sorted(shares)[len(shares) // 2]
+    if share < 0.9:
+        lines += ["", f"The benchmark's process had a median {share:.2f} of the machine's CPU during these steps "
+                      f"(other work shared it): the CPU-second ratios are the steadier measure."]
+    if r.get("bfloat16_note"):
+        lines += ["", f"**{r['bfloat16_note']}**"]
+    return lines
+
+
 def cifar10_cpu_run(r):
     last = r["epochs"][-1]
     return [
@@ -215,6 +249,7 @@ BLOCKS = {
     "attack-throughput-results": ("attack_throughput.json", attack_throughput),
     "default-run-results": ("default_run.json", default_run),
     "train-throughput-results": ("train_throughput.json", train_throughput),
+    "precision-results": ("train_throughput.json", precision_speed),
     "cifar10-cpu-run-results": ("cifar10_cpu_run.json", cifar10_cpu_run),
     "serving-latency-results": ("serving_latency.json", serving_latency),
     "robustness-digits-results": ("robustness_digits.json", robustness),

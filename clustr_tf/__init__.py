@@ -13,6 +13,7 @@ BMVC 2021, arXiv:2006.07682):
 - `clustr_tf.objectives`: one object per training method (ClusTR, cross-entropy, PGD-AT).
 - `clustr_tf.training.Trainer`: the strategy.run training loop with checkpoints;
   `clustr_tf.training.run(clustr_tf.config.RunConfig(...))`: a whole run, as the binary does.
+- `clustr_tf.precision`: float32, or a float16/bfloat16 backbone (heads and losses float32).
 - `clustr_tf.serving.export`: the SavedModel for TF Serving (predict, certify, embed).
 - `clustr_tf.certify` / `clustr_tf.lipschitz`: certified radii and the Lipschitz bound.
 - `clustr_tf.attacks.pgd`: CleverHans PGD with the official, logits and margin losses.
@@ -33,6 +34,7 @@ from clustr_tf import lipschitz
 from clustr_tf import losses
 from clustr_tf import models
 from clustr_tf import objectives
+from clustr_tf import precision
 from clustr_tf import sampler
 from clustr_tf import serving
 from clustr_tf import training

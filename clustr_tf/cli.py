@@ -14,9 +14,10 @@ from absl import app
 from absl import flags
 
 
-def start(main, define_flags, module_name):
-    """Defines the flags, makes them the command's `--help`, and runs `main` (absl)."""
+def start(main, define_flags, module_name, flags_parser=None):
+    """Defines the flags, makes them the command's `--help`, and runs `main` (absl; with
+    `flags_parser(argv)` in place of absl's parser when given)."""
     define_flags()
     for flag in flags.FLAGS.get_key_flags_for_module(module_name):  # listed by --help
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    app.run(main, **({"flags_parser": flags_parser} if flags_parser else {}))

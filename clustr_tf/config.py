@@ -35,6 +35,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 METHODS = ("clustr", "cross_entropy", "pgd_at")
 CONSISTENCY_FORMS = ("official", "kl")
 OPTIMIZERS = ("adam", "sgd")
+MIXED_PRECISIONS = ("float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -235,7 +236,10 @@ class Runtime:
         seed: the random seed.
         strategy: "auto", "default", "mirrored", "multi_worker" (TF_CONFIG) or "tpu".
         tpu: the TPU for `strategy`="tpu".
-        mixed_precision: mixed_float16 compute (for GPUs; the cluster head stays float32).
+        mixed_precision: None (float32), "float16" (mixed_float16 with loss scaling, for
+            GPUs) or "bfloat16" (mixed_bfloat16: recent GPUs, TPUs, CPUs with AVX512-BF16
+            or AMX); the backbone only, the heads and losses stay float32
+            (`clustr_tf.precision`). True means "float16" (the former boolean).
         jit_compile: compile the step with XLA.
         checkpoint_every_steps: save the training state this often (and every epoch).
         time_budget_minutes, cpu_budget_minutes: stop after the epoch in which training wall
@@ -251,7 +255,7 @@ class Runtime:
     seed: int = 0
     strategy: str = "auto"
     tpu: str | None = None
-    mixed_precision: bool = False
+    mixed_precision: str | None = None
     jit_compile: bool = False
     checkpoint_every_steps: int = 100
     time_budget_minutes: float | None = None
@@ -264,6 +268,13 @@ class Runtime:
         _positive_int("steps_per_epoch", self.steps_per_epoch, optional=True)
         _positive_int("eval_batch_size", self.eval_batch_size)
         _choice("strategy", self.strategy, STRATEGIES)
+        # The former boolean: True was mixed_float16; False and "float32" are no mixed precision.
+        mixed = self.mixed_precision
+        if isinstance(mixed, bool) or mixed == "float32":
+            mixed = "float16" if mixed is True else None
+        if mixed is not None:
+            _choice("mixed_precision", mixed, MIXED_PRECISIONS)
+        object.__setattr__(self, "mixed_precision", mixed)
         if isinstance(self.checkpoint_every_steps, bool) or not isinstance(self.checkpoint_every_steps, int) \
                 or self.checkpoint_every_steps < 0:
             _fail(f"`checkpoint_every_steps` must be >= 0. Received: {self.checkpoint_every_steps!r}")

@@ -286,7 +286,7 @@ def _verify(path, image_shape):
 
 
 def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=None,
-           model_name=DEFAULT_MODEL_NAME, verify=True):
+           model_name=DEFAULT_MODEL_NAME, verify=True, compute_precision="float32"):
     """Writes `model` as SavedModel `export_dir/<version>/` for TF Serving.
 
     The version folder is written under a hidden temporary name and renamed at the end, so
@@ -303,6 +303,11 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
             `clustr_tf.lipschitz.model_bound(model.backbone)`.
         model_name: the model name written into the warmup requests.
         verify: load the written SavedModel and run each signature before publishing it.
+        compute_precision: what the signatures' backbone computes in: "float32" (default,
+            the network the certificate and the evaluation are stated for), "bfloat16" or
+            "float16" (`clustr_tf.precision`), or None for the model's own. The
+            signatures' inputs and outputs keep their dtypes (float32 in; float32 and
+            int64 out) whatever it is; the certificate is computed in float64.
 
     Returns:
         str, the path of the version folder.
@@ -355,12 +360,22 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
     if os.path.exists(final):
         raise ExportError(f"Version {version} already exists; it is never overwritten. Received: {final}")
 
-    functions, bound = serving_functions(model, int(neighbours), float(lipschitz_bound))
-    root = tf.Module(name="clustr_serving")
-    root.lipschitz_bound = bound
-    for name, fn in functions.items():
-        setattr(root, name, fn)
-    concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
+    from clustr_tf import precision
+
+    trained = precision.of(model)
+    if compute_precision is None:
+        compute_precision = trained
+    precision.check(compute_precision, ExportError, "compute_precision")
+    precision.set_precision(model, compute_precision)
+    try:  # traced here, in compute_precision; the caller's model is left as it was
+        functions, bound = serving_functions(model, int(neighbours), float(lipschitz_bound))
+        root = tf.Module(name="clustr_serving")
+        root.lipschitz_bound = bound
+        for name, fn in functions.items():
+            setattr(root, name, fn)
+        concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
+    finally:
+        precision.set_precision(model, trained)
     # Track exactly the variables the signatures read (as keras.export.ExportArchive
     # does): tracking the Keras model itself would also save its wrapper objects, and a
     # TF1-style loader such as TF Serving's then restores the wrong ones.
@@ -388,6 +403,8 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
             "clusters_per_class": layer.clusters_per_class,
             "neighbours": int(neighbours),
             "lipschitz_bound": float(lipschitz_bound),
+            "compute_precision": compute_precision,
+            "trained_precision": trained,
             "embedding_dim": int(concrete["embed"].structured_outputs["embeddings"].shape[-1]),
             "version": int(version),
             "tensorflow": tf.__version__,

@@ -52,6 +52,7 @@ from clustr_tf import distribute
 from clustr_tf import losses
 from clustr_tf import models
 from clustr_tf import objectives
+from clustr_tf import precision
 from clustr_tf import serving
 from clustr_tf import config as config_lib
 from clustr_tf.config import ConfigError
@@ -249,7 +250,7 @@ class Trainer:
 
     Args:
         model: the model, built: an instance of `objective.model_class`.
-        optimizer: a Keras optimizer (a `LossScaleOptimizer` under mixed_float16).
+        optimizer: a Keras optimizer (a `LossScaleOptimizer` for a float16 backbone).
         sampler: the batch source `objective.batches` makes (a `NeighbourhoodSampler` for
             ClusTR, a `baselines.BatchSource` for the baselines).
         strategy: the `tf.distribute.Strategy` the model was built under.
@@ -538,7 +539,9 @@ def _optimizer(config, steps):
         optimizer = keras.optimizers.SGD(learning_rate, momentum=opt.momentum, **decay)
     else:
         optimizer = keras.optimizers.Adam(learning_rate, **decay)
-    return keras.optimizers.LossScaleOptimizer(optimizer) if runtime.mixed_precision else optimizer
+    if runtime.mixed_precision and precision.uses_loss_scaling(runtime.mixed_precision):
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def loop_config(config, steps_per_epoch=1):
@@ -578,8 +581,7 @@ def run(config):
     with open(os.path.join(r.model_dir, "config.json"), "w") as fh:
         json.dump(config.flat(), fh, indent=2)
     keras.utils.set_random_seed(r.seed)
-    if r.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    trained_precision = r.mixed_precision or "float32"
     start = time.time()
     strategy = distribute.get_strategy(r.strategy, r.tpu)
     logging.info("Strategy %s with %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
@@ -595,8 +597,10 @@ def run(config):
     steps = r.steps_per_epoch or max(1, math.ceil(len(labels) / (sampler.batch_size * replicas)))
     name = m.backbone if m.backbone != "auto" else ("convnet" if d.dataset == "digits" else "resnet18")
     with strategy.scope():
-        backbone = backbones.get_backbone(name, info.image_shape, mean=info.mean, std=info.std,
-                                          **({"width_multiplier": m.width_multiplier} if name == "resnet18" else {}))
+        with precision.policy_scope(trained_precision):  # the backbone only: heads are float32
+            backbone = backbones.get_backbone(
+                name, info.image_shape, mean=info.mean, std=info.std,
+                **({"width_multiplier": m.width_multiplier} if name == "resnet18" else {}))
         model = objective.build_model(backbone, info.num_classes)
         if r.init_checkpoint:
             _init_from(model, r.init_checkpoint)
@@ -607,12 +611,15 @@ def run(config):
                       augment=data.augmentation(d.dataset) if d.augment else None, objective=objective)
     trainer.train()
     train_seconds = time.time() - start
+    # Test accuracy in float32, as training/evaluate.py and the export compute by default.
+    precision.set_precision(model, "float32")
     metrics = models.evaluate_accuracy(model, test, neighbours=m.eval_L, batch_size=r.eval_batch_size,
-                                       predict_fn=trainer.predict_fn)
+                                       predict_fn=trainer.predict_fn if trained_precision == "float32" else None)
+    precision.set_precision(model, trained_precision)  # model.keras keeps the training precision
     if model.certified_rule != "nearest center":  # a linear head: one decision rule
         metrics.update({"nearest_center_accuracy": None, "agreement": None})
     metrics.update({
-        "split": "test", "dataset": d.dataset, "method": o.method, "eval_L": m.eval_L, "epochs": r.epochs,
+        "split": "test", "mixed_precision": r.mixed_precision, "eval_precision": "float32", "dataset": d.dataset, "method": o.method, "eval_L": m.eval_L, "epochs": r.epochs,
         "epochs_trained": int(trainer.epoch.numpy()),
         "train_time_seconds": round(float(trainer.elapsed.numpy()), 2),
         "train_cpu_seconds": round(float(trainer.elapsed_cpu.numpy()), 2),

@@ -42,6 +42,19 @@ class TrainThroughputSmokeTest(absltest.TestCase):
             self.assertIsInstance(printed["targets"][key]["met"], bool)
         self.assertGreater(printed["xent_step_s"], 0.0)
         self.assertGreater(printed["clustr_images_per_s"], 0.0)
+        # float32 and bfloat16, side by side, for the three objectives; the CPU's features.
+        self.assertEqual(printed["settings"]["precisions"], ["float32", "bfloat16"])
+        for name in ("xent", "clustr", "clustr_qtrades"):
+            self.assertEqual(printed["precisions"]["float32"][name], printed[name])
+            self.assertGreater(printed["precisions"]["bfloat16"][name]["step_s"], 0.0)
+            ratio = printed["precision_ratios"]["bfloat16"][name]
+            self.assertAlmostEqual(ratio["step_ratio"], printed["precisions"]["bfloat16"][name]["step_s"]
+                                   / printed[name]["step_s"], delta=0.01 * ratio["step_ratio"] + 0.002)
+        device = printed["device"]
+        self.assertIn("avx512_bf16", device["cpu_features"])
+        self.assertIn("amx_bf16", device["cpu_features"])
+        self.assertIn(device["native_bfloat16"], (True, False, None))
+        self.assertEqual("bfloat16_note" in printed, device["native_bfloat16"] is False)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ def define_flags():
     flags.DEFINE_boolean("unbounded_check", True, "Attack at eps 255/255 (the whole box): accuracy must "
                          "fall to chance.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_string("precision", "float32", "What the evaluation (clean pass, attacks, certificate) computes "
+                        "in: float32 whatever the run trained in, or `trained`: the run's --mixed_precision "
+                        "(low-precision gradients can mask an attack: compare with float32 before trusting it).")
 
 
 class EvalError(ValueError):
@@ -83,6 +86,8 @@ def config_from_flags(f):
         if missing:
             raise EvalError(f"--{name} values must be among --eps ({f.eps}). Received: {getattr(f, name)!r}")
         subsets[name] = tuple(v / 255 for v in values)
+    if f.precision not in ("float32", "trained"):
+        raise EvalError(f"--precision must be float32 or trained. Received: {f.precision!r}")
     return evaluation.EvalConfig(
         square_eps=subsets["square_eps"],
         square_queries=f.square_queries,
@@ -186,7 +191,11 @@ def run(f):
 
     from clustr_tf import data
     from clustr_tf import evaluation
+    from clustr_tf import precision
 
+    trained = precision.of(model)
+    computed = trained if f.precision == "trained" else "float32"
+    precision.set_precision(model, computed)
     keras.utils.set_random_seed(f.seed)
     dataset = run_config.get("dataset", "digits")
     images, labels = data.load_arrays(dataset, "test", data_dir=run_config.get("data_dir"))
@@ -210,7 +219,7 @@ def run(f):
         if not check["passed"]:
             logging.warning("Gradient-masking check %s FAILED: %s", name, check["detail"])
     result = {"split": "test", "dataset": dataset, "method": run_config.get("method", "clustr"),
-              "neighbours": neighbours, **result,
+              "neighbours": neighbours, "trained_precision": trained, "precision": computed, **result,
               "masking_checks": checks,
               "config": {**dataclasses.asdict(config)}}
     with open(os.path.join(f.model_dir, "robustness.json"), "w") as fh:

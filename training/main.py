@@ -94,7 +94,12 @@ def define_flags():
         "to start from: its backbone's weights carry over (the official ClusTR+QTRADES recipe starts from a "
         "cross-entropy network); the clusters are refreshed on them before the first step."
     )
-    flags.DEFINE_bool("mixed_precision", False, "mixed_float16 compute (for GPUs).")
+    flags.DEFINE_string(
+        "mixed_precision", None, "Backbone compute precision: float16 (mixed_float16 with loss scaling, for GPUs) "
+        "or bfloat16 (mixed_bfloat16: A100/H100-class GPUs, TPUs, CPUs with AVX512-BF16 or AMX). The heads, "
+        "losses and distances stay float32. Default: float32. The bare flag means float16 (as when it was "
+        "a boolean)."
+    )
     flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA (accelerators).")
     flags.DEFINE_integer(
         "checkpoint_every_steps", 100, "Save the training state this often (and every epoch)."
@@ -161,6 +166,13 @@ def config_from_flags(f):
     )
 
 
+def parse_flags(argv):
+    """absl's flag parsing, with the former boolean `--[no]mixed_precision` still accepted:
+    the bare flag means float16, `--nomixed_precision` float32."""
+    legacy = {"--mixed_precision": "--mixed_precision=float16", "--nomixed_precision": "--mixed_precision=float32"}
+    return app.parse_flags_with_usage([legacy.get(arg, arg) for arg in argv])
+
+
 def _fail(message, status):
     sys.stderr.write(f"main.py: error: {message}\n")
     sys.exit(status)
@@ -190,10 +202,10 @@ def console_main():
     """The `clustr-train` command of the pip package (pyproject.toml)."""
     from clustr_tf import cli
 
-    cli.start(main, define_flags, __name__)
+    cli.start(main, define_flags, __name__, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
