@@ -2,7 +2,8 @@
 
     python benchmarks/serving_latency.py [--width_multiplier=1.0] [--latency_calls=200]
 
-Exports a ClusTR ResNet-18 (CIFAR shape 32x32x3, 10 classes, K=2, L=20) with
+Exports a ClusTR ResNet-18 (or, with `--backbone=lipschitz`, the 1-Lipschitz network of
+certified training; CIFAR shape 32x32x3, 10 classes, K=2, L=20) with
 `export/export_model.py`, loads the SavedModel with `tf.saved_model.load` (what TF Serving
 runs, minus its server), and measures:
 
@@ -75,6 +76,8 @@ def _stats_ms(seconds):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--width_multiplier", type=float, default=1.0)
+    parser.add_argument("--backbone", choices=("resnet18", "lipschitz"), default="resnet18",
+                        help="The CIFAR ResNet-18, or the 1-Lipschitz network of certified training.")
     parser.add_argument("--latency_calls", type=int, default=200, help="Batch-1 calls per signature.")
     parser.add_argument("--throughput_batch", type=int, default=256)
     parser.add_argument("--throughput_batches", type=int, default=5, help="Timed batches per signature.")
@@ -95,7 +98,9 @@ def main():
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     shape = (32, 32, 3)
-    model = models.ClusTRModel(backbones.resnet18(shape, args.width_multiplier), 10, 2, 10)
+    backbone = (backbones.resnet18(shape, args.width_multiplier) if args.backbone == "resnet18"
+                else backbones.lipschitz_convnet(shape, width_multiplier=args.width_multiplier))
+    model = models.ClusTRModel(backbone, 10, 2, 10)
     # Centers among the features of random images, so decisions and radii vary.
     features = model.embed(rng.random((20, *shape)).astype("float32")).numpy()
     model.cluster_centers.centers.assign(features + 0.1 * features.std() * rng.standard_normal(features.shape))
@@ -159,7 +164,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
     result = {
-        "model": f"ClusTR ResNet-18 x{args.width_multiplier:g}, CIFAR shape 32x32x3, 10 classes, K=2, "
+        "model": f"ClusTR {'ResNet-18' if args.backbone == 'resnet18' else 'lipschitz_convnet'} "
+                 f"x{args.width_multiplier:g}, CIFAR shape 32x32x3, 10 classes, K=2, "
                  f"L={metadata['neighbours']}, untrained (weights do not change the work)",
         "loaded_with": "tf.saved_model.load (the SavedModel TF Serving would serve; no server in the loop)",
         "lipschitz_bound": metadata["lipschitz_bound"],

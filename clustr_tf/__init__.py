@@ -31,6 +31,7 @@ from clustr_tf import data
 from clustr_tf import distribute
 from clustr_tf import layers
 from clustr_tf import lipschitz
+from clustr_tf import lipschitz_layers
 from clustr_tf import losses
 from clustr_tf import models
 from clustr_tf import objectives

@@ -16,6 +16,11 @@ maximised, computed from a ClusTR model's class logits (log soft-kNC scores):
 Robust accuracy at an eps is the per-example worst case over restarts (and, in the
 evaluation, over every loss): an example counts as robust only if no run fooled it.
 
+The certificate speaks about a different decision, the model's certified rule (ClusTR's
+nearest center, a baseline's linear head): `certified_rule_logits_function` gives scores
+whose argmax is that rule, to attack (l2, `margin`) as the empirical check of the
+certificate.
+
 CleverHans traces its gradient function once per callable: create `model_fn` once per
 model (`logits_function`) and reuse it; the loss functions here are module-level.
 
@@ -86,6 +91,49 @@ def logits_function(model, neighbours=None):
     if not isinstance(model, models.Classifier):  # any other Keras model returning logits
         return lambda images: model(images, training=False)
     return lambda images: model.class_logits(images, neighbours)
+
+
+def certified_rule_logits_function(model):
+    """`model_fn(images) -> per-class scores` of the model's CERTIFIED rule; reuse it.
+
+    The certificate (`model.certify_features`, `evaluation.clean_pass`) speaks about the
+    certified rule, which for ClusTR is not the soft-kNC rule the other attacks target: the
+    soft-kNC class can change inside a certified radius without contradicting anything. To
+    check the certificate empirically, attack this function (l2 PGD, `margin` loss): its
+    argmax is exactly the certified decision.
+
+    - `ClusTRModel` (nearest center): the score of class c is
+      `-min over its K centers j of ||f(x) - mu_j||^2`, so the argmax is the class of the
+      nearest center (ties go to the lowest center index, as `certify.feature_radius`).
+    - `baselines.SoftmaxClassifier` (linear head): the head's logits.
+
+    Args:
+        model: a `models.Classifier` whose `certified_rule` is "nearest center" (with
+            `cluster_centers`) or "linear head".
+
+    Returns:
+        A callable `images [B, H, W, C] float32 -> scores [B, num_classes] float32`, in
+        inference mode.
+
+    Raises:
+        ValueError: for a model without a certified rule this function knows.
+    """
+    rule = getattr(model, "certified_rule", None)
+    if rule == "nearest center":
+        layer = model.cluster_centers
+        num_classes, per_class = layer.num_classes, layer.clusters_per_class
+
+        def nearest_center_scores(images):
+            distances = tf.cast(layer.squared_distances(model.embed(images, training=False)), tf.float32)
+            return -tf.reduce_min(tf.reshape(distances, [-1, num_classes, per_class]), axis=-1)
+
+        return nearest_center_scores
+    if rule == "linear head":
+        return lambda images: tf.cast(model.class_logits(images), tf.float32)
+    raise ValueError(
+        "`model` must be a models.Classifier with a certified rule (\"nearest center\" or \"linear head\"). "
+        f"Received: {type(model).__name__} with certified_rule={rule!r}"
+    )
 
 
 def pgd(model_fn, images, labels, eps, step, iterations, norm=np.inf, loss="margin",

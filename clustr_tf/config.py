@@ -22,6 +22,7 @@ sizes here in pixel units, the flags' in 1/255). A setting that cannot work rais
 
 import dataclasses
 import datetime
+import math
 import os
 import re
 
@@ -30,7 +31,9 @@ from clustr_tf import checks
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
 # Datasets whose classes are read from data_dir (the sorted class folders).
 FOLDER_DATASETS = ("image_folder",)
-BACKBONES = ("auto", "convnet", "resnet18")
+BACKBONES = ("auto", "convnet", "resnet18", "lipschitz")
+# Backbones whose l2 Lipschitz bound is exact by construction (`lipschitz.construction_bound`).
+EXACT_BOUND_BACKBONES = ("lipschitz",)
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 METHODS = ("clustr", "cross_entropy", "pgd_at")
 CONSISTENCY_FORMS = ("official", "kl")
@@ -94,8 +97,10 @@ class Model:
     """The feature extractor and the ClusTR head.
 
     Attributes:
-        backbone: "convnet", "resnet18", or "auto" (convnet for digits, else resnet18).
-        width_multiplier: ResNet-18's width.
+        backbone: "convnet", "resnet18", "lipschitz" (1-Lipschitz by construction, for
+            certified training: `backbones.lipschitz_convnet`), or "auto" (convnet for
+            digits, else resnet18).
+        width_multiplier: the width of ResNet-18 or of the Lipschitz network.
         k: clusters per class K (official 2).
         L: nearest clusters of the soft-kNC rule in training (official 10).
         eval_L: nearest clusters at evaluation; None: min(20, C*K).
@@ -133,6 +138,9 @@ class Objective:
         refresh_every: re-cluster after every this many epochs.
         batch_size: the baselines' batch per replica; None: m * d.
         pgd_eps, pgd_step, pgd_iterations: the pgd_at training attack (pixel units).
+        certified_margin: an l2 radius in pixels that clustr (certified ClusTR) or
+            cross_entropy (the Lipschitz-margin baseline) trains to certify; needs
+            `backbone`=lipschitz. 0: off.
     """
 
     method: str = "clustr"
@@ -151,9 +159,17 @@ class Objective:
     pgd_eps: float = 8.0 / 255.0
     pgd_step: float = 2.0 / 255.0
     pgd_iterations: int = 10
+    certified_margin: float = 0.0
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
+        margin = self.certified_margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) \
+                or margin < 0:
+            _fail(f"`certified_margin` must be a finite l2 radius >= 0 (pixel units). Received: {margin!r}")
+        if margin and self.method == "pgd_at":
+            _fail("`certified_margin` applies to `method`=clustr (certified ClusTR) or cross_entropy (the "
+                  f"Lipschitz-margin baseline). Received: `method`=pgd_at `certified_margin`={margin}")
         for name in ("m", "d", "refresh_every", "pgd_iterations"):
             _positive_int(name, getattr(self, name))
         _positive_int("batch_size", self.batch_size, optional=True)
@@ -177,7 +193,9 @@ class Optimizer:
 
     Attributes:
         optimizer: "adam" (the official ClusTR optimizer) or "sgd".
-        lr: the learning rate.
+        lr: the learning rate; None: 1e-4 (the official ClusTR rate), or 1e-3 for
+            `backbone`=lipschitz on digits (its small network trains slowly at 1e-4; on
+            CIFAR-10 1e-3 can collapse it, so 1e-4 there).
         momentum: SGD's momentum.
         weight_decay: decoupled weight decay.
         lr_milestones: epochs where the rate is multiplied by `lr_decay`: a tuple, "auto"
@@ -186,7 +204,7 @@ class Optimizer:
     """
 
     optimizer: str = "adam"
-    lr: float = 1e-4
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_milestones: object = None
@@ -194,7 +212,7 @@ class Optimizer:
 
     def __post_init__(self):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             _fail(f"`lr` must be > 0. Received: {self.lr!r}")
         if not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
             _fail(f"`momentum` must be in [0, 1) and `weight_decay` >= 0. Received: {self.momentum!r}, "
@@ -291,7 +309,7 @@ class RunConfig:
     """A whole run: the five sections, checked together (see the module docstring).
 
     After construction `runtime.epochs`, `runtime.model_dir`, `model.eval_L`,
-    `objective.batch_size` and `optimizer.lr_milestones` hold their resolved values.
+    `objective.batch_size`, `optimizer.lr` and `optimizer.lr_milestones` hold their resolved values.
     """
 
     data: Data = dataclasses.field(default_factory=Data)
@@ -318,6 +336,11 @@ class RunConfig:
         eval_l = model.eval_L if model.eval_L is not None else min(20, clusters)
         if eval_l > clusters:
             _fail(f"`eval_L` must be at most the number of clusters, {clusters}. Received: {eval_l}")
+        if objective.certified_margin and model.backbone not in EXACT_BOUND_BACKBONES:
+            _fail(f"`certified_margin` needs a backbone whose Lipschitz bound is exact by construction, or the "
+                  f"margin it trains for certifies nothing: pass `backbone`=lipschitz. (The bound of "
+                  f"{model.backbone if model.backbone != 'auto' else 'the default backbone'} is a product of "
+                  f"per-layer norms, 1e2 to 1e10 times too large.) Received: `backbone`={model.backbone}")
         if objective.method != "clustr" and runtime.export_dir is not None:
             _fail(f"`export_dir` exports ClusTR models only (the signatures need centers). Received: "
                   f"`method`={objective.method}")
@@ -327,8 +350,11 @@ class RunConfig:
         object.__setattr__(self, "model", dataclasses.replace(model, eval_L=eval_l))
         object.__setattr__(self, "objective", dataclasses.replace(
             objective, batch_size=objective.batch_size or objective.m * objective.d))
+        lr = self.optimizer.lr
+        if lr is None:
+            lr = 1e-3 if data.dataset == "digits" and model.backbone == "lipschitz" else 1e-4
         object.__setattr__(self, "optimizer", dataclasses.replace(
-            self.optimizer, lr_milestones=self.optimizer.milestones(epochs, data.dataset)))
+            self.optimizer, lr=lr, lr_milestones=self.optimizer.milestones(epochs, data.dataset)))
         object.__setattr__(self, "runtime", dataclasses.replace(runtime, epochs=epochs, model_dir=model_dir))
 
     @property

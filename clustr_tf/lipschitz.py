@@ -16,10 +16,18 @@ per-layer bound is exact or an over-estimate, computed without iterative approxi
   (the kernel scaled per output channel), which is far tighter than the product;
 - ReLU and linear activations: 1; global average pooling over H x W: 1/sqrt(HW);
   average pooling p with stride s: ceil(p/s)/p; max pooling: ceil(p/s);
-- zero padding, flatten, reshape, dropout: 1; nested models: their own bound.
+- zero padding, flatten, reshape, dropout: 1; nested models: their own bound;
+- the Lipschitz-by-construction layers of `clustr_tf.lipschitz_layers` (`AOLConv2D`,
+  `AOLDense`, `MaxMin`, `SpaceToDepth`, `ScaledGlobalAveragePooling2D`): 1, exactly by
+  construction, for any weights.
 
 A layer it does not know raises an error rather than a guess. Power iteration is never
 used, so no iteration error has to be accounted for.
+
+`construction_bound` is the bound of a model built ONLY of layers whose constant does not
+depend on trained weights (the layers above, a Normalization layer and reshapes): the
+product of the normalization's factor and 1s, exact by construction. For any other model
+it raises `NotLipschitzByConstructionError` naming the first layer that is not.
 """
 
 import math
@@ -27,6 +35,31 @@ import math
 import keras
 import numpy as np
 import threadpoolctl
+
+from clustr_tf import lipschitz_layers
+
+# Layers whose l2 Lipschitz constant is 1 whatever their weights.
+_ONE_LIPSCHITZ_BY_CONSTRUCTION = (
+    lipschitz_layers.AOLConv2D,
+    lipschitz_layers.AOLDense,
+    lipschitz_layers.MaxMin,
+    lipschitz_layers.SpaceToDepth,
+    lipschitz_layers.ScaledGlobalAveragePooling2D,
+)
+# What `construction_bound` accepts: those, the input normalization (its factor is fixed
+# by the data statistics, not trained) and norm-preserving reshapes. Exact classes, not
+# subclasses, which could change `call`.
+_BY_CONSTRUCTION = _ONE_LIPSCHITZ_BY_CONSTRUCTION + (
+    keras.layers.InputLayer,
+    keras.layers.Normalization,
+    keras.layers.Flatten,
+    keras.layers.Reshape,
+    keras.layers.Identity,
+)
+
+
+class NotLipschitzByConstructionError(ValueError):
+    """A model has a layer whose Lipschitz bound depends on its trained weights."""
 
 
 def conv2d_norm_bound(kernel, input_hw, dilation=(1, 1)):
@@ -91,9 +124,12 @@ def layer_bound(layer, input_shape):
         return 1.0
     if kind == "Activation":
         return _activation_bound(layer)
+    if type(layer) in _ONE_LIPSCHITZ_BY_CONSTRUCTION:
+        return 1.0
     if kind == "Normalization":
+        # (x - mean) / max(std, eps), or x * max(std, eps) + mean when inverted: diagonal.
         std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)), keras.config.epsilon())
-        return float(np.max(1.0 / std))
+        return float(np.max(std if getattr(layer, "invert", False) else 1.0 / std))
     if kind == "BatchNormalization":
         return float(np.max(np.abs(_bn_scale(layer))))
     if kind == "Conv2D":
@@ -199,3 +235,56 @@ def model_bound(model):
             continue
         bounds[name] = upstream * layer_bound(model.get_layer(name), shape)
     return bounds[ends[1][0][0]]
+
+
+def _not_by_construction(model):
+    """The first layer of `model` (searching nested models) not in `_BY_CONSTRUCTION`.
+
+    A model other than a functional or Sequential one is itself returned: its `call` could
+    do anything with its layers.
+    """
+    if type(model).__name__ not in ("Functional", "Sequential"):
+        return model
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            offending = _not_by_construction(layer)
+            if offending is not None:
+                return offending
+        elif type(layer) not in _BY_CONSTRUCTION:
+            return layer
+    return None
+
+
+def construction_bound(model):
+    """The l2 Lipschitz bound of a model that is Lipschitz by construction.
+
+    Every layer must be one of `clustr_tf.lipschitz_layers`' 1-Lipschitz layers
+    (`AOLConv2D`, `AOLDense`, `MaxMin`, `SpaceToDepth`, `ScaledGlobalAveragePooling2D`),
+    an input `Normalization` (factor `1 / min(std)`; 1 for mean subtraction only, i.e.
+    variance 1), `Flatten`, `Reshape`, `Identity` or an input layer, composed as
+    `model_bound` composes them. The bound is then exact by construction: it holds for
+    any weights, trained or not, and is `1 / min(std)` (1.0 for a
+    `clustr_tf.backbones.lipschitz_convnet` with mean subtraction only).
+
+    Args:
+        model: a Keras model (nested models are searched too).
+
+    Returns:
+        float.
+
+    Raises:
+        NotLipschitzByConstructionError: naming the first layer that is not Lipschitz by
+            construction and its class.
+        ValueError: as `model_bound` does (several inputs or outputs, shared layers).
+    """
+    offending = _not_by_construction(model)
+    if offending is not None:
+        accepted = ", ".join(cls.__name__ for cls in _BY_CONSTRUCTION)
+        raise NotLipschitzByConstructionError(
+            f"Model {model.name!r} is not Lipschitz by construction: its layer {offending.name!r} "
+            f"of type {type(offending).__name__} is not one of the layers whose bound holds for any "
+            f"weights ({accepted}; in functional or Sequential models), so its bound would be a "
+            "product of trained layer norms, loose by orders of magnitude. Use a backbone built of "
+            "Lipschitz layers: pass `--backbone=lipschitz` (`clustr_tf.backbones.lipschitz_convnet`)."
+        )
+    return model_bound(model)

@@ -16,6 +16,8 @@ The methods:
   (`logits_xent_lambda`) and the QTRADES consistency term (`consistency_lambda`, in the
   official form or a TRADES-style KL);
 - `CrossEntropy`: a linear head and cross-entropy on shuffled batches;
+- either with `certified_margin`, on a Lipschitz-by-construction backbone: the same
+  objective at the worst case a perturbation of that l2 radius can do (certified training);
 - `PGDAT`: the same on PGD inputs (Madry et al.).
 
 A new method is a new `Objective` subclass: `losses` (and, if it needs them, `batches`,
@@ -29,6 +31,7 @@ Reference:
 """
 
 import collections
+import math
 
 import tensorflow as tf
 
@@ -36,8 +39,10 @@ from clustr_tf import baselines
 from clustr_tf import checks
 from clustr_tf import clustering
 from clustr_tf import config
+from clustr_tf import lipschitz
 from clustr_tf import losses
 from clustr_tf import models
+from clustr_tf import ops
 from clustr_tf import sampler as sampler_lib
 
 # "official": the paper's ClusTR+QTRADES term; "kl": a TRADES-style KL, not the paper's.
@@ -97,13 +102,54 @@ class Objective:
         del source, targets, record
 
 
-class CrossEntropy(Objective):
-    """A softmax classifier (a linear head on the backbone) trained with cross-entropy."""
+class _CertifiedMargin:
+    """The certified-margin setting an objective shares: `certified_margin` (an l2 radius in
+    pixels, 0: off) and the exact Lipschitz bound of the backbone it is trained on."""
+
+    def _init_margin(self, certified_margin):
+        if isinstance(certified_margin, bool) or not (isinstance(certified_margin, (int, float))
+                                                      and math.isfinite(certified_margin) and certified_margin >= 0):
+            raise ValueError(f"`certified_margin` must be a finite l2 radius >= 0 (pixel units). "
+                             f"Received: {certified_margin!r}")
+        self.certified_margin = float(certified_margin)
+        self._bounds = {}
+
+    def feature_margin(self, model):
+        """The certified margin in feature units: `certified_margin` times the backbone's
+        bound by construction (`lipschitz.construction_bound`), which raises
+        `lipschitz.NotLipschitzByConstructionError` for a backbone without one."""
+        if not self.certified_margin:
+            return 0.0
+        key = id(model.backbone)
+        if key not in self._bounds:
+            self._bounds[key] = lipschitz.construction_bound(model.backbone)
+        return self.certified_margin * self._bounds[key]
+
+    def check_model(self, model):
+        """Raises for a model this objective cannot certify-train (no exact bound)."""
+        self.feature_margin(model)
+
+
+class CrossEntropy(Objective, _CertifiedMargin):
+    """A softmax classifier (a linear head on the backbone) trained with cross-entropy.
+
+    Args:
+        certified_margin: an l2 radius eps in pixels (0: plain cross-entropy). With it, the
+            cross-entropy of the Lipschitz-margin logits z_j + eps L ||w_j - w_y|| for every
+            class j other than the label y (Tsuzuku et al., NeurIPS 2018, with the pairwise
+            head norms of Leino et al.'s GloRo, ICML 2021), L the backbone's bound by
+            construction: a zero loss certifies the head's decision at radius eps.
+    """
 
     model_class = baselines.SoftmaxClassifier
 
+    def __init__(self, certified_margin=0.0):
+        self._init_margin(certified_margin)
+
     def build_model(self, backbone, num_classes):
-        return baselines.SoftmaxClassifier(backbone, num_classes=num_classes)
+        model = baselines.SoftmaxClassifier(backbone, num_classes=num_classes)
+        self.check_model(model)
+        return model
 
     def _inputs(self, model, images, labels, seed):
         del model, labels, seed
@@ -113,8 +159,21 @@ class CrossEntropy(Objective):
         labels = tf.cast(targets["labels"], tf.int64)
         inputs = self._inputs(model, images, labels, seed)
         logits = tf.cast(model(inputs, training=True), tf.float32)
-        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        margin = self.feature_margin(model)
+        trained = margin_logits(logits, labels, model.head.kernel, margin) if margin else logits
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, trained)
         return Result(loss, {"accuracy": _accuracy(logits, labels)}, None)
+
+
+def margin_logits(logits, labels, kernel, feature_margin):
+    """Lipschitz-margin logits: z_j + r ||w_j - w_y|| for j != y (z_y unchanged), r the
+    margin in feature units; the worst logits a feature displacement of norm r can give."""
+    kernel = tf.cast(kernel, tf.float32)  # [D, C]
+    columns = tf.transpose(kernel)
+    gaps = tf.sqrt(tf.maximum(ops.pairwise_squared_distances(columns, columns), 1e-12))  # [C, C]
+    own = tf.gather(gaps, labels)  # [B, C]: ||w_y - w_j||
+    other = tf.one_hot(labels, tf.shape(logits)[-1], on_value=0.0, off_value=1.0)
+    return logits + float(feature_margin) * own * other
 
 
 class PGDAT(CrossEntropy):
@@ -123,6 +182,7 @@ class PGDAT(CrossEntropy):
     mode and its result is a constant (`baselines.pgd_perturbation`)."""
 
     def __init__(self, eps=8.0 / 255.0, step=2.0 / 255.0, iterations=10):
+        super().__init__()
         checks.positive_int("iterations", iterations)
         if not 0 < step <= eps:
             raise ValueError(f"PGD-AT needs 0 < `step` <= `eps`. Received: step={step!r}, eps={eps!r}")
@@ -132,7 +192,7 @@ class PGDAT(CrossEntropy):
         return baselines.pgd_perturbation(model, images, labels, self.eps, self.step, self.iterations, seed)
 
 
-class ClusTR(Objective):
+class ClusTR(Objective, _CertifiedMargin):
     """ClusTR: the magnet loss on neighbourhood batches, with its optional terms (see
     `per_example_objective`), on a `models.ClusTRModel`.
 
@@ -148,6 +208,13 @@ class ClusTR(Objective):
         consistency: its form, one of `CONSISTENCY_FORMS`.
         consistency_eps, consistency_step: its perturbation (official 8/255, 10/255).
         refresh_every: re-cluster after every this many epochs (official 1).
+        certified_margin: an l2 radius eps in pixels (0: off, the paper's objective). With
+            it, certified ClusTR: the magnet loss with every other-class squared distance
+            reduced by 2 eps L ||mu_own - mu_j|| (`losses.magnet_loss`'s `feature_margin`),
+            L the backbone's bound by construction (`lipschitz.construction_bound`: a
+            `--backbone=lipschitz` network), so a zero loss certifies the nearest-center
+            decision at radius eps against the batch's cluster means; the refresh then
+            puts the stored centers on those means.
     """
 
     model_class = models.ClusTRModel
@@ -155,7 +222,8 @@ class ClusTR(Objective):
 
     def __init__(self, clusters_per_class=2, neighbours=10, m=12, d=20, alpha=12.5, magnet_epsilon=None,
                  xent_lambda=0.0, logits_xent_lambda=0.0, consistency_lambda=0.0, consistency="official",
-                 consistency_eps=8.0 / 255.0, consistency_step=10.0 / 255.0, refresh_every=1):
+                 consistency_eps=8.0 / 255.0, consistency_step=10.0 / 255.0, refresh_every=1,
+                 certified_margin=0.0):
         for name, value in (("clusters_per_class", clusters_per_class), ("neighbours", neighbours), ("m", m),
                             ("d", d), ("refresh_every", refresh_every)):
             checks.positive_int(name, value)
@@ -170,10 +238,13 @@ class ClusTR(Objective):
         self.consistency_lambda, self.consistency = float(consistency_lambda), consistency
         self.consistency_eps, self.consistency_step = float(consistency_eps), float(consistency_step)
         self.refresh_every = refresh_every
+        self._init_margin(certified_margin)
 
     def build_model(self, backbone, num_classes):
-        return models.ClusTRModel(backbone, num_classes=num_classes, clusters_per_class=self.clusters_per_class,
-                                  neighbours=self.neighbours)
+        model = models.ClusTRModel(backbone, num_classes=num_classes, clusters_per_class=self.clusters_per_class,
+                                   neighbours=self.neighbours)
+        self.check_model(model)
+        return model
 
     def batches(self, images, labels, num_classes, seed=0, batch_size=None):
         del batch_size  # m x d
@@ -331,9 +402,10 @@ def per_example_objective(model, images, targets, config, adversarial=None, seed
     """
     layer = model.cluster_centers
     features = model.backbone(images, training=True)
+    margin = config.feature_margin(model) if hasattr(config, "feature_margin") else 0.0
     magnet = losses.magnet_loss(
         targets["clusters"], features, layer.clusters_per_class, config.alpha,
-        num_clusters=layer.num_clusters, epsilon=config.magnet_epsilon,
+        num_clusters=layer.num_clusters, epsilon=config.magnet_epsilon, feature_margin=margin,
     )
     distances = layer.squared_distances(features)
     logits = layer.logits_from_distances(distances)
@@ -368,10 +440,11 @@ def from_train_config(config, **clustr_settings):
     shape its model and batches, which the training loop itself does not need.
     """
     if config.method == "cross_entropy":
-        return CrossEntropy()
+        return CrossEntropy(certified_margin=config.certified_margin)
     if config.method == "pgd_at":
         return PGDAT(config.pgd_eps, config.pgd_step, config.pgd_iterations)
     return ClusTR(**clustr_settings, alpha=config.alpha, magnet_epsilon=config.magnet_epsilon, xent_lambda=config.xent_lambda,
                   logits_xent_lambda=config.logits_xent_lambda, consistency_lambda=config.consistency_lambda,
                   consistency=config.consistency, consistency_eps=config.consistency_eps,
-                  consistency_step=config.consistency_step, refresh_every=config.refresh_every)
+                  consistency_step=config.consistency_step, refresh_every=config.refresh_every,
+                  certified_margin=config.certified_margin)

@@ -100,6 +100,8 @@ class TrainConfig:
             "cross_entropy", or "pgd_at" (Madry et al.: cross-entropy on PGD inputs).
         pgd_eps, pgd_step, pgd_iterations: the "pgd_at" training attack (Madry et al. on
             CIFAR-10: 8/255, 2/255, 7 to 10 steps).
+        certified_margin: float, the l2 radius (pixels) certified training aims at, for
+            "clustr" and "cross_entropy" on a Lipschitz-by-construction backbone; 0: off.
         time_budget_seconds: float or None; stop after the epoch in which the training time
             (wall clock, summed over restarts, saved in the checkpoint) reaches it, even
             before `epochs`.
@@ -128,6 +130,7 @@ class TrainConfig:
     pgd_eps: float = 8.0 / 255.0
     pgd_step: float = 2.0 / 255.0
     pgd_iterations: int = 10
+    certified_margin: float = 0.0
     time_budget_seconds: float | None = None
     cpu_budget_seconds: float | None = None
 
@@ -555,6 +558,7 @@ def loop_config(config, steps_per_epoch=1):
         eval_neighbours=config.model.eval_L, eval_batch_size=r.eval_batch_size,
         checkpoint_every_steps=r.checkpoint_every_steps, jit_compile=r.jit_compile, seed=r.seed, method=o.method,
         pgd_eps=o.pgd_eps, pgd_step=o.pgd_step, pgd_iterations=o.pgd_iterations,
+        certified_margin=o.certified_margin,
         time_budget_seconds=r.time_budget_minutes * 60 if r.time_budget_minutes else None,
         cpu_budget_seconds=r.cpu_budget_minutes * 60 if r.cpu_budget_minutes else None,
     )
@@ -598,9 +602,11 @@ def run(config):
     name = m.backbone if m.backbone != "auto" else ("convnet" if d.dataset == "digits" else "resnet18")
     with strategy.scope():
         with precision.policy_scope(trained_precision):  # the backbone only: heads are float32
+            # The Lipschitz network subtracts the mean only: dividing by std would multiply
+            # its bound (and shrink every certified radius) by 1 / min(std).
             backbone = backbones.get_backbone(
-                name, info.image_shape, mean=info.mean, std=info.std,
-                **({"width_multiplier": m.width_multiplier} if name == "resnet18" else {}))
+                name, info.image_shape, mean=info.mean, std=None if name == "lipschitz" else info.std,
+                **({"width_multiplier": m.width_multiplier} if name in ("resnet18", "lipschitz") else {}))
         model = objective.build_model(backbone, info.num_classes)
         if r.init_checkpoint:
             _init_from(model, r.init_checkpoint)

@@ -189,7 +189,7 @@ class GetBackboneAndValidationTest(parameterized.TestCase):
             "resnet18", (16, 16, 3), width_multiplier=0.25
         )
         self.assertEqual(model.output_shape, (None, 128))
-        self.assertEqual(backbones.BACKBONES, ("resnet18", "convnet"))
+        self.assertEqual(backbones.BACKBONES, ("resnet18", "convnet", "lipschitz"))
 
     def test_unknown_backbone(self):
         with self.assertRaisesRegex(

@@ -18,9 +18,11 @@ MAIN = os.path.join(ROOT, "training", "main.py")
 EVALUATE = os.path.join(ROOT, "training", "evaluate.py")
 
 
-def _result(worst, per_loss, stronger=(0.3, 0.3), square=(0.31, 0.3, 0.3)):
+def _result(worst, per_loss, stronger=(0.3, 0.3), square=(0.31, 0.3, 0.3), certified=(0.2, 0.4, 0)):
     """A result dict: `stronger` = worst case at 8/255 before and after the 5x run;
-    `square` = (Square's accuracy, gradient worst case, worst case with Square)."""
+    `square` = (Square's accuracy, gradient worst case, worst case with Square);
+    `certified` = (certified accuracy at l2 0.5, the certified rule's empirical accuracy
+    there, certificate violations)."""
     attacks = [{"norm": "inf", "eps": float(e.split("/")[0]) / 255, "loss": loss, "accuracy": acc,
                 "iterations": 20, "restarts": 1, "scope": "all"}
                for e, losses in per_loss.items() for loss, acc in losses.items()]
@@ -36,6 +38,9 @@ def _result(worst, per_loss, stronger=(0.3, 0.3), square=(0.31, 0.3, 0.3)):
         "gradient_free": {"8/255": {"attack": "square", "queries": 5000, "accuracy": square[0],
                                     "gradient_worst_case": square[1], "worst_case_with_square": square[2],
                                     "broken_only_by_square": square[1] - square[2]}},
+        "certified_accuracy": {"0.0": 0.9, "0.5": certified[0]},
+        "empirical_l2_certified_rule": {"0.5": certified[1]},
+        "certificate_violations": {"0.5": certified[2]},
     }
 
 
@@ -46,13 +51,14 @@ class MaskingChecksTest(absltest.TestCase):
                           "255/255": {"margin": 0.0}})
         checks = evaluation.masking_checks(result, num_classes=10)
         self.assertTrue(all(c["passed"] for c in checks.values()), checks)
-        self.assertLen(checks, 6)
+        self.assertLen(checks, 7)
 
     def test_checks_not_run_fail_and_say_so(self):
         result = _result({"8/255": 0.3}, {"8/255": {"margin": 0.3}})
-        del result["stronger_attack"], result["gradient_free"]
+        del result["stronger_attack"], result["gradient_free"], result["empirical_l2_certified_rule"]
         checks = evaluation.masking_checks(result, num_classes=10)
-        for name in ("unbounded_eps_breaks_all", "stronger_attack_converged", "gradient_free_no_better"):
+        for name in ("unbounded_eps_breaks_all", "stronger_attack_converged", "gradient_free_no_better",
+                     "certified_below_empirical"):
             self.assertFalse(checks[name]["passed"])
             self.assertIn("not run", checks[name]["detail"])
 
@@ -69,16 +75,18 @@ class MaskingChecksTest(absltest.TestCase):
     def test_masking_signs_fail(self):
         """Accuracy rising with eps, losses 30 points apart, the official loss 30 points
         above the worst case, 50% left at eps 255/255, 5x iterations breaking 3 more
-        points, and Square breaking 5 points PGD left standing: every check fails."""
+        points, Square breaking 5 points PGD left standing, and 2 certified examples broken
+        under the certified rule: every check fails."""
         result = _result({"8/255": 0.3, "16/255": 0.4, "255/255": 0.5},
                          {"8/255": {"official": 0.6, "margin": 0.3}, "16/255": {"official": 0.7, "margin": 0.4},
                           "255/255": {"official": 0.8, "margin": 0.5}},
-                         stronger=(0.33, 0.3), square=(0.28, 0.3, 0.25))
+                         stronger=(0.33, 0.3), square=(0.28, 0.3, 0.25), certified=(0.4, 0.38, 2))
         checks = evaluation.masking_checks(result, num_classes=10)
         self.assertEqual({k: c["passed"] for k, c in checks.items()},
                          {"monotone_in_eps": False, "losses_agree": False,
                           "unbounded_eps_breaks_all": False, "official_gap": False,
-                          "stronger_attack_converged": False, "gradient_free_no_better": False})
+                          "stronger_attack_converged": False, "gradient_free_no_better": False,
+                          "certified_below_empirical": False})
 
     def test_stronger_and_square_within_tolerance_pass(self):
         per_loss = {"8/255": {"margin": 0.3}, "255/255": {"margin": 0.0}}
@@ -166,15 +174,36 @@ class EvaluateBinaryTest(parameterized.TestCase):
             self.assertIn(key, result)
         self.assertEqual(result["num_examples"], 60)
         self.assertEqual(result["neighbours"], 20)  # the run's eval_L, not the training L
-        # (3 l_inf + 1 l2 eps) x 3 losses, the 5x run and Square at 8/255.
-        self.assertLen(result["attacks"], 4 * 3 + 2)
+        # (3 l_inf + 1 l2 eps) x 3 losses, the 5x run, Square at 8/255, and the certified rule at
+        # the 4 `auto` radii > 0 of this ConvNet (not Lipschitz by construction: today's defaults).
+        self.assertLen(result["attacks"], 4 * 3 + 2 + 4)
+        self.assertEqual(result["config"]["radii"], [0.0, 0.05, 0.1, 0.25, 0.5])
+        self.assertEqual(result["config"]["l2_eps"], [0.5])
+        choice = result["config"]["radii_choice"]
+        self.assertEqual(choice["flags"], {"radii": "auto", "l2_eps": "0.5"})
+        self.assertIsNone(choice["construction_bound"])
+        certified_rule = [a for a in result["attacks"] if a["scope"] == "certified_rule"]
+        self.assertEqual([(a["norm"], a["eps"], a["loss"]) for a in certified_rule],
+                         [("2", r, "margin") for r in (0.05, 0.1, 0.25, 0.5)])
+        keys = ["0.05", "0.1", "0.25", "0.5"]
+        self.assertEqual(result["certificate_violations"], {k: 0 for k in keys})
+        for k in keys:
+            self.assertLessEqual(result["certified_accuracy"][k], result["empirical_l2_certified_rule"][k])
+        self.assertTrue(result["masking_checks"]["certified_below_empirical"]["passed"],
+                        result["masking_checks"]["certified_below_empirical"])
+        # The certificate on the whole test split, beside the attacked subset.
+        self.assertGreater(result["certified_test_examples"], 60)
+        self.assertEqual(set(result["certified_accuracy_test_split"]), set(result["certified_accuracy"]))
+        self.assertAlmostEqual(result["certified_accuracy_test_split"]["0.0"], result["clean_accuracy_test_split"],
+                               delta=0.05)  # radius 0 only at exact ties
+        self.assertGreater(result["clean_accuracy_test_split"], 0.5)
         square = [a for a in result["attacks"] if a["loss"] == "square"]
         self.assertEqual([(a["eps"] * 255, a["iterations"], a["scope"]) for a in square], [(8.0, 100, "all")])
         stronger = [a for a in result["attacks"] if a["scope"] == "survivors"]
         self.assertEqual([(a["eps"] * 255, a["iterations"]) for a in stronger], [(8.0, 25)])
         self.assertEqual(set(result["masking_checks"]),
                          {"monotone_in_eps", "losses_agree", "unbounded_eps_breaks_all", "official_gap",
-                          "stronger_attack_converged", "gradient_free_no_better"})
+                          "stronger_attack_converged", "gradient_free_no_better", "certified_below_empirical"})
         free = result["gradient_free"]["8/255"]
         self.assertAlmostEqual(free["worst_case_with_square"], result["robust_accuracy"]["8/255"])
         self.assertLessEqual(free["worst_case_with_square"], min(free["accuracy"], free["gradient_worst_case"]))
@@ -187,7 +216,7 @@ class EvaluateBinaryTest(parameterized.TestCase):
                 self.assertLessEqual(worst[f"{a['eps'] * 255:g}/255"], a["accuracy"] + 1e-9)
         self.assertLessEqual(result["certified_accuracy"]["0.5"], result["certified_accuracy"]["0.0"])
         with open(os.path.join(self.run_dir, "attacks.csv")) as fh:
-            self.assertLen(list(csv.DictReader(fh)), 14)
+            self.assertLen(list(csv.DictReader(fh)), 18)
         for name in ("robustness_attacks.png", "robustness_certified.png", "robustness_features.png"):
             self.assertGreater(os.path.getsize(os.path.join(self.run_dir, name)), 1000)
 
@@ -201,6 +230,8 @@ class EvaluateBinaryTest(parameterized.TestCase):
         ("square_eps_not_attacked", ["--eps=2,8", "--square_eps=16"], "--square_eps values must be among --eps"),
         ("stronger_eps_not_attacked", ["--eps=2", "--square_eps=2", "--stronger_eps=8"], "--stronger_eps values must be among"),
         ("bad_queries", ["--square_queries=0"], "--square_queries must be >= 1"),
+        ("bad_radii", ["--radii=0,abc"], "--radii must be comma-separated numbers or auto. Received: '0,abc'"),
+        ("negative_l2_eps", ["--l2_eps=-0.5"], "--l2_eps values must be >= 0"),
     )
     def test_bad_input(self, args, message):
         if args and args[0].startswith("--model_dir") or not args and message.startswith("--model_dir"):

@@ -4,7 +4,10 @@ certified accuracy, gradient-masking checks, a CSV of every attack and plots.
     python training/evaluate.py --model_dir=RUN [--num_examples=1000] [--eps=2,8,16,25.5]
 
 Writes RUN/robustness.json, RUN/attacks.csv and RUN/robustness_*.png. eps and step are in
-1/255 units (l_inf); --l2_eps in pixel units.
+1/255 units (l_inf); --l2_eps and --radii in pixel units. The attacks run on the subset;
+the certificate (one forward pass) on the whole test split too. --radii and --l2_eps
+default to `auto` (`clustr_tf.evaluation.auto_radii`): the Lipschitz-network radii for a
+backbone that is Lipschitz by construction, today's defaults otherwise.
 """
 
 import csv
@@ -25,12 +28,16 @@ def define_flags():
     )
     flags.DEFINE_integer("batch_size", 256, "Attack batch size.")
     flags.DEFINE_string("eps", "2,8,16,25.5", "l_inf radii, in 1/255 units.")
-    flags.DEFINE_string("l2_eps", "0.5", "l2 radii, in pixel units (e.g. 0.25,0.5); empty: none.")
+    flags.DEFINE_string("l2_eps", "auto", "l2 radii, in pixel units (e.g. 0.25,0.5); empty: none; `auto`: the "
+                        "non-zero --radii of `auto` for a backbone Lipschitz by construction, else 0.5.")
     flags.DEFINE_float("step", 2.0, "l_inf PGD step, in 1/255 units (l2 runs step eps/4).")
     flags.DEFINE_integer("iterations", 20, "PGD iterations.")
     flags.DEFINE_integer("restarts", 10, "PGD random restarts.")
     flags.DEFINE_string("losses", "official,logits,margin", "Attack losses.")
-    flags.DEFINE_string("radii", "0,0.05,0.1,0.25,0.5", "l2 radii for certified accuracy.")
+    flags.DEFINE_string("radii", "auto", "l2 radii (pixel units) for certified accuracy; at each one > 0 the "
+                        "certified rule is attacked too (l2 PGD, margin loss). `auto`: for a backbone Lipschitz by "
+                        "construction 0 and 0.25,0.5,1 on digits, 36/255,72/255,108/255 on other datasets; "
+                        "else 0,0.05,0.1,0.25,0.5.")
     flags.DEFINE_string("square_eps", "8", "l_inf eps (1/255 units, among --eps) at which the "
                         "gradient-free Square attack joins the worst case; empty: none (its check fails).")
     flags.DEFINE_integer("square_queries", 5000, "Square attack queries per example.")
@@ -53,13 +60,24 @@ def _floats(name, text):
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise EvalError(f"--{name} must be comma-separated numbers. Received: {text!r}") from None
+        raise EvalError(f"--{name} must be comma-separated numbers{' or auto' if name in _AUTO else ''}. "
+                        f"Received: {text!r}") from None
     if any(not v >= 0 for v in values):
         raise EvalError(f"--{name} values must be >= 0. Received: {text!r}")
     return values
 
 
+# The flags that take `auto` (resolved by `resolve_auto` once the model is loaded).
+_AUTO = ("radii", "l2_eps")
+
+
+def _auto(f, name):
+    return getattr(f, name).strip().lower() == "auto"
+
+
 def config_from_flags(f):
+    """The `EvalConfig` of the flags; a flag at `auto` keeps EvalConfig's default here
+    (`resolve_auto` replaces it once the model is loaded). EvalError for a bad flag."""
     from clustr_tf import attacks
     from clustr_tf import evaluation
 
@@ -95,15 +113,31 @@ def config_from_flags(f):
         stronger_factor=f.stronger_factor,
         unbounded_check=f.unbounded_check,
         linf_eps=tuple(e / 255 for e in eps),
-        l2_eps=_floats("l2_eps", f.l2_eps),
+        **{name: _floats(name, getattr(f, name)) for name in _AUTO if not _auto(f, name)},
         step=f.step / 255,
         iterations=f.iterations,
         restarts=f.restarts,
         losses=losses,
-        radii=_floats("radii", f.radii),
         batch_size=f.batch_size,
         seed=f.seed,
     )
+
+
+def resolve_auto(f, config, model, dataset):
+    """Replaces the `auto` flags of `config` by `evaluation.auto_radii`'s choice.
+
+    Returns:
+        `(config, choice)`: the config, and what robustness.json's config records beside
+        its radii and l2 eps: each flag's text, the backbone's bound by construction (or
+        None) and why those radii.
+    """
+    from clustr_tf import evaluation
+
+    auto = evaluation.auto_radii(model.backbone, dataset)
+    config = dataclasses.replace(config, **{name: auto[name] for name in _AUTO if _auto(f, name)})
+    choice = {"flags": {name: getattr(f, name) for name in _AUTO}, "construction_bound": auto["construction_bound"],
+              "basis": auto["basis"] if any(_auto(f, name) for name in _AUTO) else "explicit flags"}
+    return config, choice
 
 
 def load_run(model_dir):
@@ -158,9 +192,14 @@ def _plots(result, model, images, labels, model_dir):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    radii = sorted((float(k), v) for k, v in result["certified_accuracy"].items())
-    ax.plot([r for r, _ in radii], [v for _, v in radii], marker="o")
-    ax.set(xlabel="l2 radius", ylabel="certified accuracy", ylim=(0, 1), title="Certified accuracy")
+    for key, label, style in (("certified_accuracy", "certified (attacked subset)", "o-"),
+                              ("certified_accuracy_test_split", "certified (whole test split)", "s--"),
+                              ("empirical_l2_certified_rule", "l2 PGD on the certified rule", "^:")):
+        points = sorted((float(k), v) for k, v in result.get(key, {}).items())
+        if points:
+            ax.plot([r for r, _ in points], [v for _, v in points], style, label=label)
+    ax.set(xlabel="l2 radius", ylabel="accuracy", ylim=(0, 1), title="Certified and empirical l2 accuracy")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(model_dir, "robustness_certified.png"), dpi=120)
     plt.close(fig)
@@ -198,7 +237,10 @@ def run(f):
     precision.set_precision(model, computed)
     keras.utils.set_random_seed(f.seed)
     dataset = run_config.get("dataset", "digits")
+    config, radii_choice = resolve_auto(f, config, model, dataset)
     images, labels = data.load_arrays(dataset, "test", data_dir=run_config.get("data_dir"))
+    # Certification is one forward pass: the whole split, before the attacks' subset.
+    split = evaluation.certify_split(model, images, labels, config.radii, config.batch_size)
     # Test splits are often ordered by class: attack a seeded random subset, never the
     # first examples (which could all be of one class).
     if f.num_examples < len(labels):
@@ -218,10 +260,19 @@ def run(f):
     for name, check in checks.items():
         if not check["passed"]:
             logging.warning("Gradient-masking check %s FAILED: %s", name, check["detail"])
+    violated = {k: v for k, v in result["certificate_violations"].items() if v}
+    if violated:
+        logging.error("CERTIFICATE VIOLATED: l2 PGD broke examples certified at these radii (radius: count) %s; "
+                      "the certified radii of this model are not to be trusted (a bug or an unsound Lipschitz "
+                      "bound %g).", violated, result["lipschitz_bound"])
     result = {"split": "test", "dataset": dataset, "method": run_config.get("method", "clustr"),
               "neighbours": neighbours, "trained_precision": trained, "precision": computed, **result,
+              "certified_accuracy_test_split": split["certified_accuracy"],
+              "clean_accuracy_test_split": split["clean_accuracy"],
+              "certified_test_examples": split["num_examples"],
+              "median_certified_radius_test_split": split["median_certified_radius"],
               "masking_checks": checks,
-              "config": {**dataclasses.asdict(config)}}
+              "config": {**dataclasses.asdict(config), "radii_choice": radii_choice}}
     with open(os.path.join(f.model_dir, "robustness.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     with open(os.path.join(f.model_dir, "attacks.csv"), "w", newline="") as fh:
@@ -230,6 +281,7 @@ def run(f):
         writer.writerows(result["attacks"])
     _plots(result, model, images, np.asarray(labels), f.model_dir)
     logging.info("Robust accuracy (worst case): %s", result["robust_accuracy"])
+    logging.info("Certified accuracy on the %d test examples: %s", split["num_examples"], split["certified_accuracy"])
     return result
 
 

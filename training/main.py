@@ -42,15 +42,20 @@ def define_flags():
     flags.DEFINE_string("data_mirror", None, "Download the original release files from this URL (URL/<file name>) "
                         "instead of their publishers' sites; each must match TFDS's registered checksum.")
     flags.DEFINE_string("model_dir", None, "Run directory. Default: runs/<dataset>-<time>.")
-    flags.DEFINE_string("backbone", "auto", "convnet, resnet18, or auto (convnet for digits).")
-    flags.DEFINE_float("width_multiplier", 1.0, "ResNet-18 width multiplier.")
+    flags.DEFINE_string("backbone", "auto", "convnet, resnet18, lipschitz (1-Lipschitz by construction: AOL "
+                        "convolutions, MaxMin; for --certified_margin), or auto (convnet for digits, else resnet18).")
+    flags.DEFINE_float("width_multiplier", 1.0, "Width multiplier of resnet18 or lipschitz.")
+    flags.DEFINE_float("certified_margin", 0.0, "Certified training: the l2 radius (pixel units) to certify. "
+                       "clustr: the magnet loss at the worst case of that radius (certified ClusTR); "
+                       "cross_entropy: Lipschitz-margin cross-entropy. Needs --backbone=lipschitz. 0: off.")
     flags.DEFINE_integer("k", 2, "Clusters per class K.")
     flags.DEFINE_integer("m", 12, "Clusters per neighbourhood batch.")
     flags.DEFINE_integer("d", 20, "Examples drawn from each cluster of a batch.")
     flags.DEFINE_float("alpha", 12.5, "Magnet loss margin.")
     flags.DEFINE_integer("L", 10, "Nearest clusters of the soft-kNC rule in training.")
     flags.DEFINE_integer("eval_L", None, "Nearest clusters at evaluation. Default: min(20, C*K).")
-    flags.DEFINE_float("lr", 1e-4, "Learning rate.")
+    flags.DEFINE_float("lr", None, "Learning rate. Default: 1e-4 (the official ClusTR rate); 1e-3 for "
+                       "--backbone=lipschitz on digits.")
     flags.DEFINE_string("optimizer", "adam", "adam (the official ClusTR optimizer) or sgd (with --momentum, "
                         "Nesterov off; the usual recipe for the cross-entropy and PGD-AT baselines).")
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
@@ -154,7 +159,7 @@ def config_from_flags(f):
             consistency=f.consistency, consistency_eps=_pixels("consistency_eps", f.consistency_eps),
             consistency_step=_pixels("consistency_step", f.consistency_step), refresh_every=f.refresh_every,
             batch_size=f.batch_size, pgd_eps=_pixels("pgd_eps", f.pgd_eps), pgd_step=_pixels("pgd_step", f.pgd_step),
-            pgd_iterations=f.pgd_iterations),
+            pgd_iterations=f.pgd_iterations, certified_margin=f.certified_margin),
         optimizer=c.Optimizer(optimizer=f.optimizer, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
                               lr_milestones=f.lr_milestones, lr_decay=f.lr_decay),
         runtime=c.Runtime(
