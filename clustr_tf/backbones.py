@@ -157,6 +157,19 @@ def _basic_block(x, filters, strides, name):
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
+def _check_width_multiplier(width_multiplier):
+    if (
+        isinstance(width_multiplier, bool)
+        or not isinstance(width_multiplier, numbers.Real)
+        or not math.isfinite(width_multiplier)
+        or width_multiplier <= 0
+    ):
+        raise ValueError(
+            "`width_multiplier` must be a finite number > 0. "
+            f"Received: {width_multiplier!r}"
+        )
+
+
 def _scaled_width(base, width_multiplier):
     return max(1, int(round(base * width_multiplier)))
 
@@ -212,16 +225,7 @@ def resnet18(
         - Alfarra et al., "Rethinking Clustering for Robustness", BMVC 2021.
     """
     input_shape = _validate_input_shape(input_shape)
-    if (
-        isinstance(width_multiplier, bool)
-        or not isinstance(width_multiplier, numbers.Real)
-        or not math.isfinite(width_multiplier)
-        or width_multiplier <= 0
-    ):
-        raise ValueError(
-            "`width_multiplier` must be a finite number > 0. "
-            f"Received: {width_multiplier!r}"
-        )
+    _check_width_multiplier(width_multiplier)
 
     inputs = keras.Input(shape=input_shape, name="images")
     x = _normalization(inputs, mean, std)
@@ -415,16 +419,7 @@ def lipschitz_convnet(
         )
     checks.positive_int("depth", depth)
     checks.positive_int("feature_dim", feature_dim)
-    if (
-        isinstance(width_multiplier, bool)
-        or not isinstance(width_multiplier, numbers.Real)
-        or not math.isfinite(width_multiplier)
-        or width_multiplier <= 0
-    ):
-        raise ValueError(
-            "`width_multiplier` must be a finite number > 0. "
-            f"Received: {width_multiplier!r}"
-        )
+    _check_width_multiplier(width_multiplier)
     checks.one_of("pooling", pooling, LIPSCHITZ_POOLINGS)
 
     inputs = keras.Input(shape=input_shape, name="images")
