@@ -2,6 +2,7 @@
 backticks) and what was received, the way every error of this library reads. `error` is the
 exception class (default ValueError; `clustr_tf.config` passes its `ConfigError`)."""
 
+import math
 import numbers
 
 
@@ -26,6 +27,13 @@ def one_of(name, value, choices, error=ValueError):
     if value not in choices:
         raise error(f"Unknown `{name}`. Expected one of {', '.join(map(str, choices))}. Received: {value!r}")
     return value
+
+
+def l2_radius(name, value, error=ValueError):
+    """Returns `value` as a float if it is a finite l2 radius >= 0 (pixel units)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+        raise error(f"`{name}` must be a finite l2 radius >= 0 (pixel units). Received: {value!r}")
+    return float(value)
 
 
 def non_negative(name, value, error=ValueError):

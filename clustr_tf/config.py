@@ -22,7 +22,6 @@ sizes here in pixel units, the flags' in 1/255). A setting that cannot work rais
 
 import dataclasses
 import datetime
-import math
 import os
 import re
 
@@ -163,10 +162,7 @@ class Objective:
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
-        margin = self.certified_margin
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) \
-                or margin < 0:
-            _fail(f"`certified_margin` must be a finite l2 radius >= 0 (pixel units). Received: {margin!r}")
+        margin = checks.l2_radius("certified_margin", self.certified_margin, ConfigError)
         if margin and self.method == "pgd_at":
             _fail("`certified_margin` applies to `method`=clustr (certified ClusTR) or cross_entropy (the "
                   f"Lipschitz-margin baseline). Received: `method`=pgd_at `certified_margin`={margin}")

@@ -143,9 +143,9 @@ def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5, num_clusters=Non
     if not feature_margin >= 0:
         raise ValueError(f"`feature_margin` must be >= 0. Received: {feature_margin!r}")
     if feature_margin:
-        # ||mu_own(n) - mu_u|| for every example n and cluster u; floored inside the square
-        # root, whose gradient is infinite at 0 (the own cluster, masked out below).
-        gaps = tf.sqrt(tf.maximum(ops.pairwise_squared_distances(means, means), 1e-12))
+        # ||mu_own(n) - mu_u|| for every example n and cluster u (the own cluster's 0 is
+        # masked out below).
+        gaps = ops.pairwise_distances(means, means)
         own_gaps = tf.gather(gaps, position)
         squared_distances = tf.where(
             other_class, squared_distances - 2.0 * float(feature_margin) * own_gaps, squared_distances)

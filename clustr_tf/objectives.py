@@ -31,7 +31,6 @@ Reference:
 """
 
 import collections
-import math
 
 import tensorflow as tf
 
@@ -107,23 +106,16 @@ class _CertifiedMargin:
     pixels, 0: off) and the exact Lipschitz bound of the backbone it is trained on."""
 
     def _init_margin(self, certified_margin):
-        if isinstance(certified_margin, bool) or not (isinstance(certified_margin, (int, float))
-                                                      and math.isfinite(certified_margin) and certified_margin >= 0):
-            raise ValueError(f"`certified_margin` must be a finite l2 radius >= 0 (pixel units). "
-                             f"Received: {certified_margin!r}")
-        self.certified_margin = float(certified_margin)
-        self._bounds = {}
+        self.certified_margin = checks.l2_radius("certified_margin", certified_margin)
 
     def feature_margin(self, model):
         """The certified margin in feature units: `certified_margin` times the backbone's
         bound by construction (`lipschitz.construction_bound`), which raises
-        `lipschitz.NotLipschitzByConstructionError` for a backbone without one."""
+        `lipschitz.NotLipschitzByConstructionError` for a backbone without one. (Read when
+        the step is traced, not at every step.)"""
         if not self.certified_margin:
             return 0.0
-        key = id(model.backbone)
-        if key not in self._bounds:
-            self._bounds[key] = lipschitz.construction_bound(model.backbone)
-        return self.certified_margin * self._bounds[key]
+        return self.certified_margin * lipschitz.construction_bound(model.backbone)
 
     def check_model(self, model):
         """Raises for a model this objective cannot certify-train (no exact bound)."""
@@ -170,7 +162,7 @@ def margin_logits(logits, labels, kernel, feature_margin):
     margin in feature units; the worst logits a feature displacement of norm r can give."""
     kernel = tf.cast(kernel, tf.float32)  # [D, C]
     columns = tf.transpose(kernel)
-    gaps = tf.sqrt(tf.maximum(ops.pairwise_squared_distances(columns, columns), 1e-12))  # [C, C]
+    gaps = ops.pairwise_distances(columns, columns)  # [C, C]
     own = tf.gather(gaps, labels)  # [B, C]: ||w_y - w_j||
     other = tf.one_hot(labels, tf.shape(logits)[-1], on_value=0.0, off_value=1.0)
     return logits + float(feature_margin) * own * other

@@ -24,6 +24,13 @@ def pairwise_squared_distances(x, y):
     return tf.nn.relu(x_sq - 2.0 * cross + y_sq[tf.newaxis, :])
 
 
+def pairwise_distances(x, y, floor=1e-12):
+    """Euclidean distances between the rows of `x` and of `y`, [N, M], with the squared
+    distances floored at `floor` inside the square root, whose gradient is infinite at 0
+    (so a zero distance gives 1e-6 and a finite gradient)."""
+    return tf.sqrt(tf.maximum(pairwise_squared_distances(x, y), floor))
+
+
 def masked_logsumexp(values, mask, axis=-1):
     """`log(sum(exp(values)))` over the entries where `mask` is true.
 
