@@ -92,12 +92,14 @@ def _batches(n, batch_size):
 
 
 def _certificate(model, features, batch_size):
-    """`(feature radius float64 [N], certified class int64 [N])`, certified batch by batch
-    (the float64 certificate holds [batch, C*K, D] at once)."""
+    """`(certified l2 radius in pixels float64 [N], certified class int64 [N], the
+    backbone's Lipschitz bound)`: the feature radii, certified batch by batch (the float64
+    certificate holds [batch, C*K, D] at once), over `lipschitz.model_bound`."""
     parts = [model.certify_features(features[b])[:2] for b in _batches(len(features), batch_size)]
-    if not parts:
-        return np.zeros(0, np.float64), np.zeros(0, np.int64)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    radius_f = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.float64)
+    classes = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    bound = lipschitz.model_bound(model.backbone)
+    return certify.certified_radius(radius_f, bound), classes, bound
 
 
 def clean_pass(model, images, labels, config):
@@ -119,10 +121,9 @@ def clean_pass(model, images, labels, config):
     batches = _batches(len(labels), config.batch_size)
     features = np.concatenate([model.embed(images[b], training=False).numpy() for b in batches])
     logits = np.concatenate([model.logits_from_features(features[b], config.neighbours).numpy() for b in batches])
-    radius_f, classes = _certificate(model, features, config.batch_size)
-    bound = lipschitz.model_bound(model.backbone)
+    radius, classes, bound = _certificate(model, features, config.batch_size)
     return {"clean": logits.argmax(1) == labels, "certified_correct": classes == labels,
-            "radii": certify.certified_radius(radius_f, bound), "lipschitz_bound": bound}
+            "radii": radius, "lipschitz_bound": bound}
 
 
 def certify_split(model, images, labels, radii, batch_size=256):
@@ -155,9 +156,7 @@ def certify_split(model, images, labels, radii, batch_size=256):
         raise ValueError(f"`images` and `labels` must have the same length. Received: {len(images)} and {len(labels)}")
     features = [model.embed(images[b], training=False).numpy() for b in _batches(len(labels), batch_size)]
     features = np.concatenate(features) if features else np.zeros((0, 1), np.float32)
-    radius_f, classes = _certificate(model, features, batch_size)
-    bound = lipschitz.model_bound(model.backbone)
-    radius = certify.certified_radius(radius_f, bound)
+    radius, classes, bound = _certificate(model, features, batch_size)
     correct = classes == labels
     return {
         "num_examples": len(labels),
@@ -184,14 +183,13 @@ def auto_radii(backbone, dataset):
         dict with `radii` (tuple, 0 first), `l2_eps` (tuple), `construction_bound` (float,
         or None when the backbone is not Lipschitz by construction) and `basis` (str, why).
     """
-    construction_bound = getattr(lipschitz, "construction_bound", None)
-    bound, reason = None, "clustr_tf.lipschitz has no construction_bound"
-    if construction_bound is not None and getattr(backbone, "layers", None) is not None:
+    bound, reason = None, None
+    if getattr(backbone, "layers", None) is not None:
         try:
-            bound = float(construction_bound(backbone))
+            bound = float(lipschitz.construction_bound(backbone))
         except ValueError as e:  # lipschitz.NotLipschitzByConstructionError and shape errors
             reason = str(e).split(". ")[0]
-    elif construction_bound is not None:
+    else:
         reason = f"the backbone is a {type(backbone).__name__}, not a Keras model"
     if bound is None:
         return {"radii": DEFAULT_RADII, "l2_eps": DEFAULT_L2_EPS, "construction_bound": None,

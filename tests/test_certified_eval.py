@@ -198,8 +198,7 @@ class CertifySplitTest(absltest.TestCase):
 
 class AutoRadiiTest(parameterized.TestCase):
     def test_defaults_for_a_backbone_not_lipschitz_by_construction(self):
-        """A ConvNet with batch normalization: today's radii and l2 eps on every dataset,
-        whether or not `construction_bound` exists yet."""
+        """A ConvNet with batch normalization: today's radii and l2 eps on every dataset."""
         self.assertEqual(evaluation.DEFAULT_RADII, (0.0, 0.05, 0.1, 0.25, 0.5))
         self.assertEqual(evaluation.DEFAULT_L2_EPS, (0.5,))
         self.assertEqual((evaluation.EvalConfig().radii, evaluation.EvalConfig().l2_eps),
@@ -222,7 +221,7 @@ class AutoRadiiTest(parameterized.TestCase):
         self.assertEqual(choice["l2_eps"], radii)
         self.assertEqual(choice["construction_bound"], 1.0)
 
-    def test_a_refused_or_missing_construction_bound_gives_the_defaults(self):
+    def test_a_refused_construction_bound_gives_the_defaults(self):
         def refuse(model):
             raise ValueError("Model 'x' is not Lipschitz by construction. More.")
 
@@ -230,12 +229,8 @@ class AutoRadiiTest(parameterized.TestCase):
             choice = evaluation.auto_radii(_linear_backbone(), "digits")
         self.assertEqual(choice["radii"], evaluation.DEFAULT_RADII)
         self.assertIn("Model 'x' is not Lipschitz by construction", choice["basis"])
-        with mock.patch.object(lipschitz, "construction_bound", None, create=True):
-            self.assertEqual(evaluation.auto_radii(_linear_backbone(), "digits")["radii"], evaluation.DEFAULT_RADII)
 
     def test_the_lipschitz_backbone(self):
-        if getattr(lipschitz, "construction_bound", None) is None or "lipschitz" not in backbones.BACKBONES:
-            self.skipTest("lipschitz.construction_bound or the `lipschitz` backbone is not in the library yet")
         choice = evaluation.auto_radii(backbones.get_backbone("lipschitz", (8, 8, 1)), "digits")
         self.assertEqual(choice["radii"], (0.0, 0.25, 0.5, 1.0))
         self.assertEqual(choice["l2_eps"], (0.25, 0.5, 1.0))
