@@ -13,7 +13,7 @@ ARGS ?=
 BAZEL ?= bazel
 BAZEL_INSTALL := apt-get install -y --no-install-recommends bazel-bootstrap bazel-rules-java
 
-.PHONY: train test venv clean bazel-check bazel-test bazel-smoke bazel-clean wheel
+.PHONY: train test venv clean bazel-install bazel-check bazel-test bazel-smoke bazel-clean wheel
 
 venv: $(STAMP)
 
@@ -33,13 +33,18 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 
 # Bazel 4.2.3 (Debian's bazel-bootstrap) and Debian's rules_java, which WORKSPACE points at.
+# Installing them (as root, about 15 s and 150 MB; .ci/run does it where bazel is missing):
+bazel-install:
+	apt-get update
+	$(BAZEL_INSTALL)
+
 bazel-check:
 	@command -v $(BAZEL) >/dev/null 2>&1 || { \
 	  echo "make bazel-test: no '$(BAZEL)' on PATH. Install Debian's Bazel 4.2.3 (about 150 MB), as root:"; \
-	  echo "    $(BAZEL_INSTALL)"; exit 1; } >&2
+	  echo "    make bazel-install   # apt-get update, then $(BAZEL_INSTALL)"; exit 1; } >&2
 	@test -f /usr/share/bazel/rules/java/WORKSPACE || { \
 	  echo "make bazel-test: /usr/share/bazel/rules/java is missing (WORKSPACE needs Debian's rules_java). As root:"; \
-	  echo "    $(BAZEL_INSTALL)"; exit 1; } >&2
+	  echo "    make bazel-install   # apt-get update, then $(BAZEL_INSTALL)"; exit 1; } >&2
 	@$(BAZEL) --version 2>/dev/null | grep -Eq '^bazel (no_version|4\.)' || \
 	  echo "make bazel-test: warning: '$(BAZEL)' is not Bazel 4.x; this WORKSPACE is made for Debian's 4.2.3 (see docs/building.md)." >&2
 
@@ -48,8 +53,8 @@ BAZEL_PYTHON := --repo_env=CLUSTR_PYTHON=$(abspath $(PY))
 bazel-test: $(STAMP) bazel-check
 	$(BAZEL) test $(BAZEL_PYTHON) //...
 
-# What CI runs under Bazel (.ci/run; the whole suite already ran under make test): every
-# target built, and the quick tests that exercise the toolchain, the pytest runner and packaging.
+# A quick check of the Bazel set-up (CI runs all of bazel-test): every target built, and the
+# quick tests that exercise the toolchain, the pytest runner and packaging.
 bazel-smoke: $(STAMP) bazel-check
 	$(BAZEL) build $(BAZEL_PYTHON) //...
 	$(BAZEL) test $(BAZEL_PYTHON) //tests:test_packaging //tests:test_update_readme

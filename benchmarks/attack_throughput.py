@@ -11,12 +11,13 @@ benchmarks/results/attack_throughput.json and prints it as one JSON object last.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import machine  # noqa: E402
 
 
 def main():
@@ -57,7 +58,7 @@ def main():
         "warmup_seconds": round(warmup, 3),
         "images_per_s": round(args.batch / per_batch, 3),
         "reference": "a straightforward Keras PGD-20 loop on ResNet-18: about 3.8 images/s on this CPU",
-        "device": {"cpus": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version()},
+        "device": machine.describe("cpus", "tensorflow", "python"),
         "date": time.strftime("%Y-%m-%d"),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -159,7 +159,7 @@ def main(argv=None):
     if os.path.exists(args.out):
         with open(args.out) as fh:
             previous = json.load(fh)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": {"cpu": machine.cpu_model(), "cpus": os.cpu_count()},
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine.describe("cpu", "cpus"),
               "settings": {"stages": args.stages, "digits_cpu_minutes": args.digits_cpu_minutes,
                            "cifar_cpu_minutes": args.cifar_cpu_minutes, "datasets": DATASETS,
                            "cifar_data_dir": os.path.basename(args.cifar_data_dir or "") or "TFDS"},

@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "benchmarks", "results", "cifar10_cpu_run.json")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import machine  # noqa: E402
 
 
 def _command(args):
@@ -85,7 +86,7 @@ def main():
         "agreement": metrics["agreement"],
         "num_test_examples": metrics["num_examples"],
         "epochs": epochs,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine.describe("cpus", "python"),
         "date": time.strftime("%Y-%m-%d"),
     }
     with open(RESULT, "w") as fh:

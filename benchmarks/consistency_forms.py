@@ -19,12 +19,13 @@ run (metrics.json) is not trained again.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import machine  # noqa: E402
 FORMS = ("official", "kl")
 
 
@@ -64,7 +65,7 @@ def main():
         "start": start,
         "runs": runs,
         "clean_accuracy": {form: [r["clean_accuracy"] for r in runs[form]] for form in FORMS},
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "machine": machine.describe("cpus", "processor"),
         "command": f"python benchmarks/consistency_forms.py --start_epochs={args.start_epochs} --epochs={args.epochs} "
                    f"--seeds={args.seeds}",
     }

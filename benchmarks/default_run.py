@@ -11,7 +11,6 @@ line. With --update_readme, then rewrites README.md's results blocks (update_rea
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "benchmarks", "results", "default_run.json")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import machine  # noqa: E402
 
 
 def measure():
@@ -38,11 +39,7 @@ def measure():
         "agreement": metrics["agreement"],
         "num_test_examples": metrics["num_examples"],
         "epochs": metrics["epochs"],
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-        },
+        "machine": machine.describe("cpus", "processor", "python"),
         "date": time.strftime("%Y-%m-%d"),
     }
 
@@ -53,7 +50,6 @@ def main():
     with open(RESULT, "w") as fh:
         json.dump(result, fh, indent=2)
     if "--update_readme" in sys.argv[1:]:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import update_readme  # pylint: disable=g-import-not-at-top
 
         update_readme.main()

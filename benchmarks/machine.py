@@ -1,13 +1,17 @@
-"""What a benchmark ran on: the CPU's model and the features its numbers depend on.
+"""What a benchmark ran on: the CPU, the libraries, and how busy the machine was.
 
     from benchmarks import machine   # or `import machine` from a script in benchmarks/
+    machine.describe("cpu", "cpus", "tensorflow")  # {'cpu': 'AMD EPYC ...', 'cpus': 2, 'tensorflow': '2.21.0'}
     machine.cpu_model()              # 'AMD EPYC', 'Intel(R) Xeon(R) Platinum 8480+', ...
     machine.cpu_features()           # {'avx512f': True, 'avx512_bf16': True, 'amx_bf16': False, ...}
+    before = machine.system_cpu(); ...; machine.others_share(before, machine.system_cpu(), own_cpu_s)
 
-Read from /proc/cpuinfo (Linux); elsewhere the model is `platform.processor()` and the
-features are None (unknown), never False.
+Every benchmark describes its machine with `describe` (each result file keeps the keys it
+has always had). Read from /proc (Linux); elsewhere the model is `platform.processor()`, the
+features are None (unknown), never False, and the share of other processes is None.
 """
 
+import os
 import platform
 
 # CPU flags (as /proc/cpuinfo names them) that decide how fast low-precision training runs.
@@ -27,6 +31,11 @@ def cpu_model():
     for line in (_cpuinfo() or "").splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
+    return processor()
+
+
+def processor():
+    """`platform.processor()`, or the architecture where that is empty (most Linux builds)."""
     return platform.processor() or platform.machine()
 
 
@@ -51,3 +60,57 @@ def native_bfloat16(features=None):
     if any(known):
         return True
     return None if None in known else False
+
+
+def accelerators():
+    """The names of the devices TensorFlow sees besides the CPU."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    return [d.name for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
+
+
+# What `describe` can name. Two facts have two names each ("cpu"/"cpu_model", "cpus"/
+# "cpu_cores"): result files written before this helper used both, and keep their keys.
+FACTS = {
+    "cpu": cpu_model,
+    "cpu_model": cpu_model,
+    "cpus": os.cpu_count,
+    "cpu_cores": os.cpu_count,
+    "processor": processor,
+    "cpu_features": cpu_features,
+    "native_bfloat16": native_bfloat16,
+    "accelerators": accelerators,
+    "tensorflow": lambda: __import__("tensorflow").__version__,
+    "keras": lambda: __import__("keras").__version__,
+    "python": platform.python_version,
+    "onednn": lambda: os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+}
+
+
+def describe(*keys):
+    """{key: value} for each of `keys` (names in `FACTS`), in that order."""
+    unknown = [key for key in keys if key not in FACTS]
+    if unknown:
+        raise ValueError(f"Unknown machine facts {unknown}; known: {sorted(FACTS)}")
+    return {key: FACTS[key]() for key in keys}
+
+
+def system_cpu():
+    """(total, idle) jiffies of all CPUs from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def others_share(before, after, own_cpu_s):
+    """Fraction of all CPU time that other processes used between two `system_cpu()`
+    readings, given this process's CPU seconds meanwhile; None when unknown."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    total = after[0] - before[0]
+    busy = total - (after[1] - before[1])
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return max(0.0, (busy / ticks - own_cpu_s) / (total / ticks))

@@ -48,7 +48,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -58,6 +57,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import machine  # noqa: E402
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+# What a row records of the machine it was measured on (machine.describe).
+MACHINE = ("cpus", "processor", "cpu_model")
 METHODS = ("cross_entropy", "clustr", "clustr_from_ce", "clustr_qtrades", "clustr_qtrades_kl", "pgd_at")
 LABELS = {
     "cross_entropy": "cross-entropy",
@@ -187,11 +188,6 @@ def evaluate(method, args):
         fh.write(" ".join(argv))
 
 
-def _machine():
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "cpu_model": machine.cpu_model()}
-
-
 def _row(method, args):
     """The result row of a method whose runs are in --runs_dir, or None."""
     stages = _stages(args)[method]
@@ -244,7 +240,7 @@ def _row(method, args):
         "train": train_rows,
         "evaluate_command": _shown("training/evaluate.py", _eval_argv(run, args)),
         "evaluate_seconds": float(open(seconds_path).read()) if os.path.exists(seconds_path) else None,
-        "measured": {"date": time.strftime("%Y-%m-%d"), "machine": _machine()},
+        "measured": {"date": time.strftime("%Y-%m-%d"), "machine": machine.describe(*MACHINE)},
     }
 
 
@@ -280,7 +276,7 @@ def collect(args, out):
                                    "the recipe" if cifar else "Adam, lr 1e-4, constant"),
                      "batch_size": 240, "num_examples": args.num_examples, "square_queries": args.square_queries,
                      "seed": args.seed},
-        "machine": _machine(),
+        "machine": machine.describe(*MACHINE),
         "command": "python benchmarks/reproduce.py " + " ".join(
             f"--{k}={v}" for k, v in sorted(vars(args).items())
             if k not in ("only", "methods", "out") and v is not None),

@@ -20,13 +20,14 @@ the evaluation's results. The last line printed is that JSON.
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import machine  # noqa: E402
 
 
 def main():
@@ -61,7 +62,7 @@ def main():
         "train_command": train_command,
         "command": "python " + " ".join(command[1:]),
         "wall_seconds": wall,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "machine": machine.describe("cpus", "processor"),
         **{k: evaluation[k] for k in ("dataset", "num_examples", "neighbours", "clean_accuracy",
                                       "nearest_center_accuracy", "robust_accuracy", "robust_accuracy_pgd",
                                       "robust_accuracy_l2", "attacks", "stronger_attack", "gradient_free",

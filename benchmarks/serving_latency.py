@@ -23,7 +23,6 @@ last.
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -38,31 +37,16 @@ TARGET_RATIO = 1.25
 SIGNATURES = ("serving_default", "certify", "embed")
 
 
-def _system_cpu():
-    """(total, idle) jiffies of all CPUs from /proc/stat, or None off Linux."""
-    try:
-        with open("/proc/stat") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-        return sum(values), values[3] + values[4]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 class _OthersShare:
     """The share of all CPU time that other processes used while the block ran."""
 
     def __enter__(self):
-        self.system, self.cpu = _system_cpu(), time.process_time()
+        self.system, self.cpu = machine.system_cpu(), time.process_time()
         return self
 
     def __exit__(self, *exc):
-        after, own = _system_cpu(), time.process_time() - self.cpu
-        self.value = None
-        if self.system is not None and after is not None and after[0] > self.system[0]:
-            ticks = os.sysconf("SC_CLK_TCK")
-            total = (after[0] - self.system[0]) / ticks
-            busy = total - (after[1] - self.system[1]) / ticks
-            self.value = round(max(0.0, (busy - own) / total), 3)
+        share = machine.others_share(self.system, machine.system_cpu(), time.process_time() - self.cpu)
+        self.value = None if share is None else round(share, 3)
 
 
 def _stats_ms(seconds):
@@ -175,9 +159,7 @@ def main():
                             "calls_per_signature": args.latency_calls},
         "target": {"certify_over_serving_default_max": TARGET_RATIO, "met": bool(ratio <= TARGET_RATIO)},
         "throughput": throughput,
-        "device": {"cpu": machine.cpu_model(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
-                   "python": platform.python_version(),
-                   "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")},
+        "device": machine.describe("cpu", "cpus", "tensorflow", "python", "onednn"),
         "others_cpu_share": {"latency": latency_load.value, "throughput": throughput_load.value},
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -11,7 +11,7 @@ classes: the pixel values do not change the time of a step), with the CIFAR ResN
    `model.compile(Adam, sparse categorical cross-entropy, jit_compile=False)` and
    `model.train_on_batch` on one fixed batch of m*d images (Keras traces its train
    function as a `tf.function`).
-2. `clustr`: `Trainer._distributed_step()` (the step `Trainer.train` runs) on an iterator
+2. `clustr`: Keras's train function of `ClusTRModel.train_step` (the step `fit` runs) on an iterator
    of the neighbourhood sampler's dataset, default strategy, same backbone and batch.
 3. `clustr_qtrades`: the same with `consistency_lambda=8` (ClusTR+QTRADES).
 With `--precisions=float32,bfloat16` (the default) the three steps are also timed with the
@@ -23,7 +23,7 @@ low precision depends on (AVX512-BF16, AMX); on a CPU with neither, TensorFlow e
 bfloat16 in float32 and `bfloat16_note` says the bfloat16 times measure that emulation.
 4. `sampler`: batches per second of `NeighbourhoodSampler.dataset()` alone, against the
    ClusTR step's consumption rate (`sampler_to_step_ratio`).
-5. `refresh`: one `trainer.objective.cluster_refresh(trainer).refresh()` (embedding pass + per-class k-means +
+5. `refresh`: one `objective.cluster_refresh(sampler).refresh()` (embedding pass + per-class k-means +
    variance + sampler update) against one `clustering.embed` pass over the same images.
 
 Every variant runs `--warmup_steps` untimed steps first (the first one traces); a timed
@@ -47,10 +47,8 @@ Saves the result file and prints it as one JSON object on the last line.
 
 import json
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 
 from absl import app
@@ -100,43 +98,13 @@ def define_flags():
 def device_description():
     """CPU model, core count, the CPU features low precision depends on, accelerators and
     library versions."""
-    import keras
-    import tensorflow as tf
-
-    features = machine.cpu_features()
-    return {
-        "cpu": machine.cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "cpu_features": features,
-        "native_bfloat16": machine.native_bfloat16(features),
-        "accelerators": [
-            d.name for d in tf.config.list_physical_devices() if d.device_type != "CPU"
-        ],
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "python": platform.python_version(),
-        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
-    }
+    return machine.describe("cpu", "cpu_cores", "cpu_features", "native_bfloat16", "accelerators",
+                            "tensorflow", "keras", "python", "onednn")
 
 
-def _system_cpu():
-    """(total, idle) jiffies of all CPUs from /proc/stat, or None off Linux."""
-    try:
-        with open("/proc/stat") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-        return sum(values), values[3] + values[4]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _others_share(before, after, own_cpu_s):
-    """Fraction of all CPU time that other processes used between two `_system_cpu()`."""
-    if before is None or after is None or after[0] <= before[0]:
-        return None
-    total = after[0] - before[0]
-    busy = total - (after[1] - before[1])
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    return max(0.0, (busy / ticks - own_cpu_s) / (total / ticks))
+# The machine's load, as the timers below read it (benchmarks/machine.py).
+_system_cpu = machine.system_cpu
+_others_share = machine.others_share
 
 
 class Timer:
@@ -231,11 +199,10 @@ def run(f):
 
     from clustr_tf import backbones
     from clustr_tf import clustering
-    from clustr_tf import models
+    from clustr_tf import consistency
     from clustr_tf import objectives
     from clustr_tf import precision
     from clustr_tf import sampler as sampler_lib
-    from clustr_tf import training
 
     total_start = time.perf_counter()
     load_start = os.getloadavg()
@@ -301,7 +268,7 @@ def run(f):
             "strategy": "default (tf.distribute.get_strategy())",
             "precisions": list(f.precisions),
             "xent_step": "model.compile(...) + model.train_on_batch (Keras-traced tf.function)",
-            "clustr_step": "Trainer._distributed_step() on iter(Trainer._dataset(0))",
+            "clustr_step": "model.train_function (model.fit's step of ClusTRModel.train_step) on iter(sampler.dataset())",
         },
         "device": device_description(),
     }
@@ -316,7 +283,6 @@ def run(f):
     sampler = sampler_lib.NeighbourhoodSampler(
         images, labels, num_classes=NUM_CLASSES, clusters_per_class=f.k, m=m, d=d, seed=f.seed
     )
-    tmp = tempfile.TemporaryDirectory()
 
     def make_xent(name):
         with precision.policy_scope(name):
@@ -331,49 +297,48 @@ def run(f):
         )
         return model
 
-    def make_trainer(consistency_lambda, name, compute):
+    def make_clustr(consistency_lambda, compute):
+        objective = objectives.ClusTR(clusters_per_class=f.k, consistency_lambda=consistency_lambda)
         with strategy.scope():
             with precision.policy_scope(compute):
                 net = backbone()
-            model = models.ClusTRModel(net, NUM_CLASSES, clusters_per_class=f.k)
-            optimizer = keras.optimizers.Adam(1e-4)
-        config = training.TrainConfig(
-            epochs=1, steps_per_epoch=1, consistency_lambda=consistency_lambda,
-            eval_batch_size=f.eval_batch_size, seed=f.seed, jit_compile=False,
-        )
-        return training.Trainer(
-            model, optimizer, sampler, strategy, os.path.join(tmp.name, f"{name}-{compute}"), config,
-            augment=augment,
-        )
+            model = objective.build_model(net, NUM_CLASSES)
+            model.compile(optimizer=keras.optimizers.Adam(1e-4), objective=objective, seed=f.seed)
+        return model
 
-    def step_timer(trainer):
-        iterator = iter(trainer._dataset(0))
-        step_fn = trainer._distributed_step()
-        # Returns the batch size (a cluster smaller than d gives all its examples only).
-        return lambda: float(step_fn(iterator)["count"].numpy())
+    def step_timer(model):
+        """The step `fit` runs (Keras's train function of the model's `train_step`) on an
+        iterator of the sampler's dataset. Every batch holds m * d images: each of the
+        synthetic set's clusters has more than d examples."""
+        iterator = iter(sampler.dataset(augment=augment))
+        model.loss_recorder = sampler
+        model.make_train_function()
+        return lambda: (float(model.train_function(iterator)["loss"]), sampler.batch_size)[1]
 
-    timers, keep, trainer, q_trainer = {}, [], None, None
+    timers, keep, clustr_model, q_model = {}, [], None, None
     for compute in f.precisions:
         logging.info("%s: building the cross-entropy, ClusTR and ClusTR+QTRADES steps", compute)
         xent_model = make_xent(compute)
         keep.append(xent_model)
         timers[compute, "xent"] = Timer(lambda model=xent_model: model.train_on_batch(x_batch, y_batch))
-        c_trainer = make_trainer(0.0, "clustr", compute)
-        if trainer is None:
+        c_model = make_clustr(0.0, compute)
+        if clustr_model is None:
             logging.info("clustr: first refresh (also the refresh warm-up)")
-            trainer = c_trainer
+            clustr_model = c_model
+            refresh = c_model.objective.cluster_refresh(sampler, batch_size=f.eval_batch_size, seed=f.seed)
+            refresh.set_model(c_model)
             start = time.perf_counter()
-            trainer.objective.cluster_refresh(trainer).refresh()  # as Trainer.train does before the first step
+            refresh.refresh()  # as fit's first callback does before the first step
             first_refresh = time.perf_counter() - start
-        qt = make_trainer(8.0, "qtrades", compute)
-        q_trainer = q_trainer or qt
-        layer = trainer.model.cluster_centers
-        for other in (c_trainer, qt):  # finite, refreshed-looking centers without a refresh
-            if other is not trainer:
-                other.model.cluster_centers.centers.assign(layer.centers)
-                other.model.cluster_centers.variance.assign(layer.variance)
-        keep.extend([c_trainer, qt])
-        timers[compute, "clustr"] = Timer(step_timer(c_trainer))
+        qt = make_clustr(8.0, compute)
+        q_model = q_model or qt
+        layer = clustr_model.cluster_centers
+        for other in (c_model, qt):  # finite, refreshed-looking centers without a refresh
+            if other is not clustr_model:
+                other.cluster_centers.centers.assign(layer.centers)
+                other.cluster_centers.variance.assign(layer.variance)
+        keep.extend([c_model, qt])
+        timers[compute, "clustr"] = Timer(step_timer(c_model))
         timers[compute, "clustr_qtrades"] = Timer(step_timer(qt))
 
     logging.info("steps: %d warm-up and %d timed rounds of %d variants", f.warmup_steps, f.steps, len(timers))
@@ -413,12 +378,12 @@ def run(f):
     del keep
 
     if f.breakdown:
-        q_model, q_config = q_trainer.model, q_trainer.config
+        q_config = q_model.objective
         sample = next(iter(sampler.dataset(augment=augment)))[0]
 
         @tf.function
         def attack(x):
-            return objectives.consistency_perturbation(
+            return consistency.perturbation(
                 q_model, x, q_model(x, training=False), q_config.consistency, q_config.consistency_eps,
                 q_config.consistency_step, tf.constant([0, 1], tf.int64),
             )
@@ -444,13 +409,13 @@ def run(f):
         breakdown["note"] = (
             "forward_inference: model(x, training=False) on one batch; qtrades_attack: "
             "an inference forward of the clean batch (the official form's target comes from the "
-            "training forward instead) and objectives.consistency_perturbation (a forward and a "
+            "training forward instead) and consistency.perturbation (a forward and a "
             "backward to the input); the rest of a QTRADES step is two training forwards (clean and "
             "adversarial) and their backward pass, vs one of each in a ClusTR step"
         )
         result["qtrades_breakdown"] = breakdown
         logging.info("qtrades breakdown: %s", breakdown)
-    del q_trainer
+    del q_model
 
     # ---- 4. sampler alone ------------------------------------------------------------------
     logging.info("sampler: %d batches", f.sampler_batches)
@@ -477,11 +442,11 @@ def run(f):
 
     # ---- 5. refresh vs inference -----------------------------------------------------------
     logging.info("refresh: %d images", f.train_images)
-    embed_fn = clustering.embedding_function(trainer.model)
+    embed_fn = clustering.embedding_function(clustr_model)
     features = []
 
     def embed(images=sampler.images):
-        features[:] = [clustering.embed(trainer.model, images, f.eval_batch_size, embed_fn)]
+        features[:] = [clustering.embed(clustr_model, images, f.eval_batch_size, embed_fn)]
 
     # Warm-up on one full batch and a last batch of the same size as the full pass's: the
     # same shapes are traced and run, at a fraction of a full pass's cost.
@@ -491,7 +456,7 @@ def run(f):
     embed(subset)
     inference_warmup_s = time.perf_counter() - start
     inference = Timer(embed)
-    refresh = Timer(trainer.objective.cluster_refresh(trainer).refresh)  # warmed up by the first refresh above
+    refresh = Timer(refresh.refresh)  # warmed up by the first refresh above
     interleave([inference, refresh], 0, f.refresh_repeats)
     start = time.perf_counter()
     clustering.kmeans_per_class(features[0], sampler.labels, NUM_CLASSES, f.k, seed=f.seed)
@@ -516,7 +481,6 @@ def run(f):
         "repeats": f.refresh_repeats,
     }
     logging.info("refresh: %s", result["refresh"])
-    tmp.cleanup()
 
     # ---- summary ---------------------------------------------------------------------------
     clustr_s = result["clustr"]["step_s"]

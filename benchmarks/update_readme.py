@@ -316,7 +316,8 @@ BLOCKS = {
 
 
 # The flag references: each binary's flags, read from its own `define_flags` (in a fresh
-# process, where absl's global flags are empty), rendered as a table.
+# process, where absl's global flags are empty), rendered as a table. training/main.py's are
+# generated from the fields of `clustr_tf.config` (`clustr_tf.config_flags`), in their order.
 BINARIES = {
     "flags-main": "training/main.py",
     "flags-evaluate": "training/evaluate.py",

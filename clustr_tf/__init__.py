@@ -5,13 +5,19 @@ BMVC 2021, arXiv:2006.07682):
 
 - `clustr_tf.layers.ClusterCenters`: centers, variance, soft-kNC logits, nearest center.
 - `clustr_tf.losses.magnet_loss` / `MagnetLoss`: the magnet loss, in the log domain.
-- `clustr_tf.sampler.NeighbourhoodSampler`: neighbourhood batches as tf.data.
+- `clustr_tf.sampler.NeighbourhoodSampler`: neighbourhood batches as tf.data;
+  `clustr_tf.sampling`: its steps as state-free functions.
 - `clustr_tf.clustering.ClusterRefresh`: per-class k-means refresh as a Keras callback.
-- `clustr_tf.models.ClusTRModel`: a backbone with a ClusterCenters head and its train step.
-- `clustr_tf.backbones`: the paper's CIFAR ResNet-18 and a small ConvNet.
+- `clustr_tf.models.ClusTRModel`: a backbone with a ClusterCenters head; every
+  `models.Classifier` trains through one `train_step`, compiled with an objective.
+- `clustr_tf.backbones`: the paper's CIFAR ResNet-18, a small ConvNet and a ConvNet that
+  is 1-Lipschitz by construction, built of `clustr_tf.aol_layers` and
+  `clustr_tf.lipschitz_layers`.
 - `clustr_tf.data.load`: datasets as tf.data (embedded digits, CIFAR-10/100, SVHN, folders).
-- `clustr_tf.objectives`: one object per training method (ClusTR, cross-entropy, PGD-AT).
-- `clustr_tf.training.Trainer`: the strategy.run training loop with checkpoints;
+- `clustr_tf.objectives`: one object per training method (ClusTR, cross-entropy, PGD-AT);
+  `clustr_tf.consistency`: the ClusTR+QTRADES term; `clustr_tf.interfaces`: what an
+  objective (`Objective`) and a batch source (`Batches`) provide.
+- `clustr_tf.training.train`: resumable `fit` in a run directory;
   `clustr_tf.training.run(clustr_tf.config.RunConfig(...))`: a whole run, as the binary does.
 - `clustr_tf.precision`: float32, or a float16/bfloat16 backbone (heads and losses float32).
 - `clustr_tf.serving.export`: the SavedModel for TF Serving (predict, certify, embed).
@@ -22,13 +28,16 @@ Importing the package registers every serializable object, so `.keras` files loa
 `keras.saving.load_model` after `import clustr_tf`.
 """
 
+from clustr_tf import aol_layers
 from clustr_tf import attacks
 from clustr_tf import backbones
 from clustr_tf import certify
 from clustr_tf import clustering
 from clustr_tf import config
+from clustr_tf import consistency
 from clustr_tf import data
 from clustr_tf import distribute
+from clustr_tf import interfaces
 from clustr_tf import layers
 from clustr_tf import lipschitz
 from clustr_tf import lipschitz_layers
@@ -37,6 +46,7 @@ from clustr_tf import models
 from clustr_tf import objectives
 from clustr_tf import precision
 from clustr_tf import sampler
+from clustr_tf import sampling
 from clustr_tf import serving
 from clustr_tf import training
 from clustr_tf.clustering import ClusterRefresh

@@ -74,7 +74,7 @@ def loss_function(name, model):
     """
     if name not in LOSSES:
         raise ValueError(f"Unknown attack loss. Expected one of {', '.join(LOSSES)}. Received: {name!r}")
-    if name == "official" and not getattr(model, "logits_are_log_scores", False):  # any Keras classifier
+    if name == "official" and not (isinstance(model, models.Classifier) and model.logits_are_log_scores):
         return _cross_entropy
     return LOSSES[name]
 
@@ -118,7 +118,7 @@ def certified_rule_logits_function(model):
     Raises:
         ValueError: for a model without a certified rule this function knows.
     """
-    rule = getattr(model, "certified_rule", None)
+    rule = model.certified_rule if isinstance(model, models.Classifier) else None
     if rule == "nearest center":
         layer = model.cluster_centers
         num_classes, per_class = layer.num_classes, layer.clusters_per_class

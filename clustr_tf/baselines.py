@@ -1,9 +1,9 @@
 """The baselines ClusTR is compared with: a softmax classifier trained with cross-entropy,
 and the same trained adversarially with PGD (Madry et al.).
 
-`SoftmaxClassifier` puts a linear head on any backbone. `Trainer` (clustr_tf.training)
-trains it when its `TrainConfig.method` is `"cross_entropy"` or `"pgd_at"`, on shuffled
-batches from `batch_dataset`, with the same checkpoints, logs and strategies as ClusTR.
+`SoftmaxClassifier` puts a linear head on any backbone; the objectives
+`objectives.CrossEntropy` and `objectives.PGDAT` train it through the same `train_step`
+and `fit` as ClusTR, on shuffled batches from `BatchSource`.
 The robustness evaluation attacks it exactly as it attacks a ClusTR model.
 
 Reference:
@@ -130,7 +130,7 @@ class BatchSource:
 
     Each epoch is a fresh stateless permutation of the training set, cut into batches;
     batch b is a function of (seed, b) alone, so a resumed run gets exactly the batches
-    it would have had, and `Trainer` uses it where ClusTR uses a `NeighbourhoodSampler`.
+    it would have had; the baselines train on it where ClusTR uses a `NeighbourhoodSampler`.
 
     Args:
         images: uint8 or float array [N, H, W, C] (uint8 is scaled to [0, 1]).

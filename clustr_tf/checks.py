@@ -4,6 +4,8 @@ exception class (default ValueError; `clustr_tf.config` passes its `ConfigError`
 
 import math
 import numbers
+import os
+import tempfile
 
 
 def positive_int(name, value, error=ValueError, optional=False):
@@ -41,3 +43,15 @@ def non_negative(name, value, error=ValueError):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
         raise error(f"`{name}` must be >= 0. Received: {value!r}")
     return value
+
+
+def writable_dir(name, path, error=ValueError):
+    """Creates the folder `path` if needed; `error` unless it is a writable directory.
+    `name` is how the message names the setting (e.g. "`model_dir`", "--export_dir")."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise error(f"{name} exists and is not a directory. Received: {path}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path, prefix=".write_test").close()
+    except OSError as e:
+        raise error(f"{name} is not a writable directory: {e.strerror or e}. Received: {path}") from None

@@ -15,6 +15,7 @@ from absl import logging
 from sklearn.cluster import KMeans
 
 from clustr_tf import checks
+from clustr_tf import models
 
 
 def kmeans_per_class(features, labels, num_classes, clusters_per_class, seed=0, n_init=3):
@@ -220,11 +221,9 @@ class ClusterRefresh(keras.callbacks.Callback):
         self._embed_model = None
 
     def _check_model(self):
-        if not (hasattr(self.model, "embed") and hasattr(self.model, "cluster_centers")):
-            raise TypeError(
-                "ClusterRefresh needs a model with `embed` and `cluster_centers` (a "
-                f"clustr_tf.models.ClusTRModel). Received: {type(self.model).__name__}"
-            )
+        if not isinstance(self.model, models.ClusTRModel):
+            raise TypeError(f"ClusterRefresh needs a clustr_tf.models.ClusTRModel. Received: "
+                            f"{type(self.model).__name__}")
 
     def refresh(self):
         """Runs one refresh now; returns `{"variance", "center_separation"}`."""
@@ -264,7 +263,8 @@ class ClusterRefresh(keras.callbacks.Callback):
             self.refresh()
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.frequency == 0:
+        diverged = not np.isfinite(float((logs or {}).get("loss", 0.0)))  # TerminateOnNaN stops the run
+        if (epoch + 1) % self.frequency == 0 and not diverged:
             self.refresh()
         if logs is not None and self.last:
             logs.update(self.last)

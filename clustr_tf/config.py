@@ -10,14 +10,14 @@ on), `Model` (the backbone and the ClusTR head), `Objective` (the training metho
 terms), `Optimizer` and `Runtime` (epochs, budgets, distribution, where the run goes).
 `RunConfig` checks what they must agree on (the neighbourhood batch size m and the head's L
 against the dataset's classes, the method's terms) and fills in the defaults that depend on
-others (epochs, the learning-rate milestones, the evaluation L, the baselines' batch size,
-the run directory).
+others (epochs, the learning rate and its milestones, the evaluation L, the baselines' batch
+size, the run directory).
 
-Setting names are those of `training/main.py`'s flags (`k`, `m`, `L`, ...; perturbation
-sizes here in pixel units, the flags' in 1/255). A setting that cannot work raises
-`ConfigError`, whose message names it in backticks and says what was received
-(`` `m` must be >= 1. Received: 0``); the binary prints the same message with `--m`.
-`RunConfig.flat()` is the flat dict a run directory's config.json holds.
+A field is declared once, with its flag's `help` text in its metadata: `clustr_tf.config_flags`
+generates `training/main.py`'s flags from the fields (`k`, `m`, `L`, ...; perturbation sizes in
+pixel units here, their flags, `flag_scale` metadata, in 1/255). A setting that cannot work
+raises `ConfigError`, naming it in backticks with what was received (`` `m` must be >= 1.
+Received: 0``); the binary prints it with `--m`. `RunConfig.flat()` is a run's config.json.
 """
 
 import dataclasses
@@ -26,6 +26,27 @@ import os
 import re
 
 from clustr_tf import checks
+
+# The official ClusTR settings (Alfarra et al.; notes/official-clustr.md) and the defaults the
+# library shares with this config: written here once.
+CLUSTERS_PER_CLASS = 2  # K
+NEIGHBOURS = 10  # L, the nearest clusters of the soft-kNC rule in training
+EVAL_NEIGHBOURS = 20  # L at evaluation (at most the number of clusters)
+CLUSTERS_PER_BATCH = 12  # m
+EXAMPLES_PER_CLUSTER = 20  # d
+MAGNET_ALPHA = 12.5  # the magnet loss margin
+QTRADES_LAMBDA = 8.0  # ClusTR+QTRADES: the consistency term's weight
+QTRADES_EPS = 8.0 / 255.0  # its l_inf radius (pixel units)
+QTRADES_STEP = 10.0 / 255.0  # its signed-gradient step
+PGD_EPS = 8.0 / 255.0  # PGD-AT's training attack (Madry et al. on CIFAR-10)
+PGD_STEP = 2.0 / 255.0
+PGD_ITERATIONS = 10
+LEARNING_RATE = 1e-4  # the official ClusTR (Adam) rate
+# (dataset, backbone) -> the rate where LEARNING_RATE does not suit: the small Lipschitz network
+# trains slowly at 1e-4 on digits (on CIFAR-10 1e-3 can collapse it, so 1e-4 there).
+LEARNING_RATES = {("digits", "lipschitz"): 1e-3}
+EPOCHS = 90  # when `epochs` is None, except on the datasets of DATASET_EPOCHS
+DATASET_EPOCHS = {"digits": 40}
 
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
 # Datasets whose classes are read from data_dir (the sorted class folders).
@@ -38,6 +59,15 @@ METHODS = ("clustr", "cross_entropy", "pgd_at")
 CONSISTENCY_FORMS = ("official", "kl")
 OPTIMIZERS = ("adam", "sgd")
 MIXED_PRECISIONS = ("float16", "bfloat16")
+
+
+def default_learning_rate(dataset, backbone):
+    """The learning rate of a run that sets none."""
+    return LEARNING_RATES.get((dataset, backbone), LEARNING_RATE)
+
+
+def _rate(value):
+    return f"{value:.0e}".replace("e-0", "e-")  # 0.0001 -> "1e-4"
 
 
 class ConfigError(ValueError):
@@ -64,24 +94,24 @@ def _choice(name, value, choices):
     checks.one_of(name, value, choices, ConfigError)
 
 
+def setting(default, help_text, **flag):
+    """A field with its flag's `help` text (and `flag_scale`, `flag_type`) in its metadata."""
+    return dataclasses.field(default=default, metadata={"help": help_text, **flag})
+
+
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """What to train on.
+    """What to train on (each field's meaning: its `help` metadata)."""
 
-    Attributes:
-        dataset: one of `DATASET_CLASSES` or `FOLDER_DATASETS`.
-        data_dir: where the data lives (`clustr_tf.data.load`'s `data_dir`); required by
-            image folders.
-        download: let TFDS download a missing dataset.
-        data_mirror: an http(s)/ftp URL TFDS downloads the original files from.
-        augment: the official crop + flip for CIFAR and image folders.
-    """
-
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = True
-    data_mirror: str | None = None
-    augment: bool = True
+    dataset: str = setting("digits", f"One of {sorted(DATASET_CLASSES) + list(FOLDER_DATASETS)}.")
+    data_dir: str | None = setting(
+        None, "Where the data is: an original release (CIFAR's python or binary tarball or folder, SVHN's .mat files), "
+        "an image folder or .tar.gz (split/class/image), or a TFDS data_dir (docs/training.md, Data).")
+    download: bool = setting(True, "Download a TFDS dataset missing from --data_dir.")
+    data_mirror: str | None = setting(
+        None, "Download the original release files from this URL (URL/<file name>) instead of their publishers' "
+        "sites; each must match TFDS's registered checksum.")
+    augment: bool = setting(True, "Official augmentation (crop + flip) for CIFAR.")
 
     def __post_init__(self):
         _choice("dataset", self.dataset, sorted(DATASET_CLASSES) + list(FOLDER_DATASETS))
@@ -93,23 +123,15 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """The feature extractor and the ClusTR head.
+    """The feature extractor and the ClusTR head (each field's meaning: its `help` metadata)."""
 
-    Attributes:
-        backbone: "convnet", "resnet18", "lipschitz" (1-Lipschitz by construction, for
-            certified training: `backbones.lipschitz_convnet`), or "auto" (convnet for
-            digits, else resnet18).
-        width_multiplier: the width of ResNet-18 or of the Lipschitz network.
-        k: clusters per class K (official 2).
-        L: nearest clusters of the soft-kNC rule in training (official 10).
-        eval_L: nearest clusters at evaluation; None: min(20, C*K).
-    """
-
-    backbone: str = "auto"
-    width_multiplier: float = 1.0
-    k: int = 2
-    L: int = 10
-    eval_L: int | None = None
+    backbone: str = setting(
+        "auto", "convnet, resnet18, lipschitz (1-Lipschitz by construction: AOL convolutions, MaxMin; for "
+        "--certified_margin), or auto (convnet for digits, else resnet18).")
+    width_multiplier: float = setting(1.0, "Width multiplier of resnet18 or lipschitz.")
+    k: int = setting(CLUSTERS_PER_CLASS, "Clusters per class K.")
+    L: int = setting(NEIGHBOURS, "Nearest clusters of the soft-kNC rule in training.")
+    eval_L: int | None = setting(None, f"Nearest clusters at evaluation. Default: min({EVAL_NEIGHBOURS}, C*K).")
 
     def __post_init__(self):
         _choice("backbone", self.backbone, BACKBONES)
@@ -122,43 +144,39 @@ class Model:
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """The training method (`clustr_tf.objectives`) and its settings.
+    """The training method (`clustr_tf.objectives`) and its settings (each field's meaning: its
+    `help` metadata; perturbation sizes in pixel units, their flags in 1/255)."""
 
-    Attributes:
-        method: "clustr", or a baseline with a linear head: "cross_entropy", "pgd_at".
-        m, d: clusters per neighbourhood batch and examples per cluster (official 12, 20).
-        alpha: the magnet loss margin (official 12.5).
-        magnet_cap: the official magnet loss, capped at 18.42 nats per example.
-        xent_lambda: the official cross-entropy term (raw scores S as logits).
-        logits_xent_lambda: a cross-entropy on log S.
-        consistency_lambda: the QTRADES term's weight (official 8).
-        consistency: its form, "official" (the paper's) or "kl" (TRADES-style).
-        consistency_eps, consistency_step: its perturbation, pixel units (8/255, 10/255).
-        refresh_every: re-cluster after every this many epochs.
-        batch_size: the baselines' batch per replica; None: m * d.
-        pgd_eps, pgd_step, pgd_iterations: the pgd_at training attack (pixel units).
-        certified_margin: an l2 radius in pixels that clustr (certified ClusTR) or
-            cross_entropy (the Lipschitz-margin baseline) trains to certify; needs
-            `backbone`=lipschitz. 0: off.
-    """
-
-    method: str = "clustr"
-    m: int = 12
-    d: int = 20
-    alpha: float = 12.5
-    magnet_cap: bool = False
-    xent_lambda: float = 0.0
-    logits_xent_lambda: float = 0.0
-    consistency_lambda: float = 0.0
-    consistency: str = "official"
-    consistency_eps: float = 8.0 / 255.0
-    consistency_step: float = 10.0 / 255.0
-    refresh_every: int = 1
-    batch_size: int | None = None
-    pgd_eps: float = 8.0 / 255.0
-    pgd_step: float = 2.0 / 255.0
-    pgd_iterations: int = 10
-    certified_margin: float = 0.0
+    method: str = setting(
+        "clustr", f"clustr (magnet loss; add --consistency_lambda={QTRADES_LAMBDA:g} for ClusTR+QTRADES), or a "
+        "baseline with a linear head: cross_entropy, or pgd_at (Madry et al. adversarial training).")
+    m: int = setting(CLUSTERS_PER_BATCH, "Clusters per neighbourhood batch.")
+    d: int = setting(EXAMPLES_PER_CLUSTER, "Examples drawn from each cluster of a batch.")
+    alpha: float = setting(MAGNET_ALPHA, "Magnet loss margin.")
+    magnet_cap: bool = setting(False, "The official magnet loss, capped at -log(1e-8) = 18.42 per example "
+                               "(relu(-log(num / (den + 1e-8) + 1e-8))); default: uncapped.")
+    xent_lambda: float = setting(0.0, "Weight of the official cross-entropy term: cross-entropy with the raw "
+                                 "soft-kNC scores S as logits.")
+    logits_xent_lambda: float = setting(0.0, "Weight of a cross-entropy on the log-scores log S (-log p of the "
+                                        "label; not the official term).")
+    consistency_lambda: float = setting(
+        0.0, f"ClusTR+QTRADES: weight of the consistency term (official {QTRADES_LAMBDA:g}).")
+    consistency: str = setting(
+        "official", "Form of the consistency term: official (the paper's: cross-entropy between the clean soft-kNC "
+        "probabilities and softmax(S(x_adv)), S the raw scores) or kl (TRADES-style KL(p(x) || p(x_adv)), not the "
+        "paper's).")
+    consistency_eps: float = setting(QTRADES_EPS, "QTRADES l_inf radius, in 1/255 units.", flag_scale=255)
+    consistency_step: float = setting(QTRADES_STEP, "QTRADES step size, in 1/255 units.", flag_scale=255)
+    refresh_every: int = setting(1, "Re-cluster after every this many epochs.")
+    batch_size: int | None = setting(
+        None, f"Baselines' batch size per replica. Default: m * d ({CLUSTERS_PER_BATCH * EXAMPLES_PER_CLUSTER}).")
+    pgd_eps: float = setting(PGD_EPS, "pgd_at training attack l_inf radius, in 1/255 units.", flag_scale=255)
+    pgd_step: float = setting(PGD_STEP, "pgd_at training attack step, in 1/255 units.", flag_scale=255)
+    pgd_iterations: int = setting(PGD_ITERATIONS, "pgd_at training attack steps.")
+    certified_margin: float = setting(
+        0.0, "Certified training: the l2 radius (pixel units) to certify. clustr: the magnet loss at the worst case "
+        "of that radius (certified ClusTR); cross_entropy: Lipschitz-margin cross-entropy. Needs "
+        "--backbone=lipschitz. 0: off.")
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -185,26 +203,19 @@ class Objective:
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """The optimizer and its learning-rate schedule.
+    """The optimizer and its learning-rate schedule (each field's meaning: its `help` metadata;
+    `lr_milestones` also takes a tuple of epochs)."""
 
-    Attributes:
-        optimizer: "adam" (the official ClusTR optimizer) or "sgd".
-        lr: the learning rate; None: 1e-4 (the official ClusTR rate), or 1e-3 for
-            `backbone`=lipschitz on digits (its small network trains slowly at 1e-4; on
-            CIFAR-10 1e-3 can collapse it, so 1e-4 there).
-        momentum: SGD's momentum.
-        weight_decay: decoupled weight decay.
-        lr_milestones: epochs where the rate is multiplied by `lr_decay`: a tuple, "auto"
-            (1/3 and 2/3 of the epochs), "none", or None (none for digits, else auto).
-        lr_decay: the factor at each milestone.
-    """
-
-    optimizer: str = "adam"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_milestones: object = None
-    lr_decay: float = 0.1
+    optimizer: str = setting("adam", "adam (the official ClusTR optimizer) or sgd (with --momentum, Nesterov off; "
+                             "the usual recipe for the cross-entropy and PGD-AT baselines).")
+    lr: float | None = setting(None, f"Learning rate. Default: {_rate(LEARNING_RATE)} (the official ClusTR rate); "
+                               f"{_rate(LEARNING_RATES['digits', 'lipschitz'])} for --backbone=lipschitz on digits.")
+    momentum: float = setting(0.9, "SGD momentum.")
+    weight_decay: float = setting(0.0, "Decoupled weight decay (Keras `weight_decay`), e.g. 5e-4 with sgd.")
+    lr_milestones: str | tuple | None = setting(
+        None, "Comma-separated epochs where the learning rate is multiplied by --lr_decay; auto = at 1/3 and 2/3 of "
+        "--epochs (official: 30,60 of 90); none = constant. Default: none for digits, auto otherwise.", flag_type=str)
+    lr_decay: float = setting(0.1, "Learning-rate factor at each milestone.")
 
     def __post_init__(self):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -240,42 +251,34 @@ class Optimizer:
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """How long, where and on what the run goes.
+    """How long, where and on what the run goes (each field's meaning: its `help` metadata;
+    `mixed_precision` True means "float16", the former boolean)."""
 
-    Attributes:
-        model_dir: the run directory; None: runs/<dataset>-<time>.
-        epochs: epochs; None: 40 for digits, 90 otherwise.
-        steps_per_epoch: batches per epoch; None: training examples / (replicas x batch).
-        eval_batch_size: batch size of embedding and evaluation passes.
-        seed: the random seed.
-        strategy: "auto", "default", "mirrored", "multi_worker" (TF_CONFIG) or "tpu".
-        tpu: the TPU for `strategy`="tpu".
-        mixed_precision: None (float32), "float16" (mixed_float16 with loss scaling, for
-            GPUs) or "bfloat16" (mixed_bfloat16: recent GPUs, TPUs, CPUs with AVX512-BF16
-            or AMX); the backbone only, the heads and losses stay float32
-            (`clustr_tf.precision`). True means "float16" (the former boolean).
-        jit_compile: compile the step with XLA.
-        checkpoint_every_steps: save the training state this often (and every epoch).
-        time_budget_minutes, cpu_budget_minutes: stop after the epoch in which training wall
-            (or process CPU) time, over restarts, reaches it.
-        init_checkpoint: a run directory or .keras model whose backbone to start from.
-        export_dir: export the final model for TF Serving into <export_dir>/<version>/.
-    """
-
-    model_dir: str | None = None
-    epochs: int | None = None
-    steps_per_epoch: int | None = None
-    eval_batch_size: int = 256
-    seed: int = 0
-    strategy: str = "auto"
-    tpu: str | None = None
-    mixed_precision: str | None = None
-    jit_compile: bool = False
-    checkpoint_every_steps: int = 100
-    time_budget_minutes: float | None = None
-    cpu_budget_minutes: float | None = None
-    init_checkpoint: str | None = None
-    export_dir: str | None = None
+    model_dir: str | None = setting(None, "Run directory. Default: runs/<dataset>-<time>.")
+    epochs: int | None = setting(None, "Epochs. Default: " + ", ".join(
+        f"{epochs} for {dataset}" for dataset, epochs in DATASET_EPOCHS.items()) + f", {EPOCHS} otherwise.")
+    steps_per_epoch: int | None = setting(None, "Batches per epoch. Default: training examples / (m*d).")
+    eval_batch_size: int = setting(256, "Batch size of embedding and evaluation.")
+    seed: int = setting(0, "Random seed.")
+    strategy: str = setting("auto", "auto, default, mirrored, multi_worker (TF_CONFIG) or tpu.")
+    tpu: str | None = setting(None, "TPU name or address for --strategy=tpu.")
+    mixed_precision: str | None = setting(
+        None, "Backbone compute precision: float16 (mixed_float16 with loss scaling, for GPUs) or bfloat16 "
+        "(mixed_bfloat16: A100/H100-class GPUs, TPUs, CPUs with AVX512-BF16 or AMX). The heads, losses and "
+        "distances stay float32. Default: float32. The bare flag means float16 (as when it was a boolean).")
+    jit_compile: bool = setting(False, "Compile the training step with XLA (accelerators).")
+    checkpoint_every_steps: int = setting(100, "Save the training state this often (and every epoch).")
+    time_budget_minutes: float | None = setting(
+        None, "Stop after the epoch in which training time (summed over restarts) reaches this, even before --epochs.")
+    cpu_budget_minutes: float | None = setting(
+        None, "The same in CPU time of the process (all threads): one CPU budget for several methods, whatever "
+        "else the machine runs.")
+    init_checkpoint: str | None = setting(
+        None, "A run directory (its model.keras) or a .keras model, ClusTR or cross-entropy, to start from: its "
+        "backbone's weights carry over (the official ClusTR+QTRADES recipe starts from a cross-entropy network); "
+        "the clusters are refreshed on them before the first step.")
+    export_dir: str | None = setting(
+        None, "Export the final model for TF Serving into <export_dir>/<next version>/ (export/export_model.py).")
 
     def __post_init__(self):
         _positive_int("epochs", self.epochs, optional=True)
@@ -329,7 +332,7 @@ class RunConfig:
         if model.L > clusters:
             _fail(f"`L` must be at most the number of clusters, {clusters} ({classes} classes x `k`={model.k}). "
                   f"Received: `L`={model.L}")
-        eval_l = model.eval_L if model.eval_L is not None else min(20, clusters)
+        eval_l = model.eval_L if model.eval_L is not None else min(EVAL_NEIGHBOURS, clusters)
         if eval_l > clusters:
             _fail(f"`eval_L` must be at most the number of clusters, {clusters}. Received: {eval_l}")
         if objective.certified_margin and model.backbone not in EXACT_BOUND_BACKBONES:
@@ -340,7 +343,7 @@ class RunConfig:
         if objective.method != "clustr" and runtime.export_dir is not None:
             _fail(f"`export_dir` exports ClusTR models only (the signatures need centers). Received: "
                   f"`method`={objective.method}")
-        epochs = runtime.epochs or (40 if data.dataset == "digits" else 90)
+        epochs = runtime.epochs or DATASET_EPOCHS.get(data.dataset, EPOCHS)
         model_dir = runtime.model_dir or os.path.join(
             "runs", f"{data.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         object.__setattr__(self, "model", dataclasses.replace(model, eval_L=eval_l))
@@ -348,7 +351,7 @@ class RunConfig:
             objective, batch_size=objective.batch_size or objective.m * objective.d))
         lr = self.optimizer.lr
         if lr is None:
-            lr = 1e-3 if data.dataset == "digits" and model.backbone == "lipschitz" else 1e-4
+            lr = default_learning_rate(data.dataset, model.backbone)
         object.__setattr__(self, "optimizer", dataclasses.replace(
             self.optimizer, lr=lr, lr_milestones=self.optimizer.milestones(epochs, data.dataset)))
         object.__setattr__(self, "runtime", dataclasses.replace(runtime, epochs=epochs, model_dir=model_dir))
@@ -369,23 +372,11 @@ class RunConfig:
         """Checks what the run will read and write, before anything is: the run directory is
         writable (it is made), `init_checkpoint` exists, `export_dir` can take a version."""
         path = self.runtime.model_dir
-        try:
-            os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, ".write_test")
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
-        except OSError as e:
-            _fail(f"`model_dir` is not a writable directory: {e.strerror or e}. Received: {path}")
+        checks.writable_dir("`model_dir`", path, ConfigError)
         if self.runtime.init_checkpoint is not None and not os.path.exists(self.runtime.init_checkpoint):
             _fail(f"`init_checkpoint` does not exist. Received: {self.runtime.init_checkpoint}")
-        if self.runtime.export_dir is not None:
-            from clustr_tf import serving
-
-            try:
-                serving.check_export_dir(self.runtime.export_dir)
-            except serving.ExportError as e:  # its message names --export_dir
-                raise ConfigError(str(e)) from None
+        if self.runtime.export_dir is not None:  # (an empty one fails when Runtime is built)
+            checks.writable_dir("`export_dir`", self.runtime.export_dir, ConfigError)
 
     def flat(self):
         """The run directory's config.json: every setting under its flag's name."""

@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from clustr_tf import checks
+from clustr_tf import config
 from clustr_tf import ops
 
 # A class with no cluster among the L nearest has soft-kNC score 0. Its logit is set to
@@ -68,7 +69,7 @@ class ClusterCenters(keras.layers.Layer):
     def __init__(
         self,
         num_classes,
-        clusters_per_class=2,
+        clusters_per_class=config.CLUSTERS_PER_CLASS,
         neighbours=None,
         centers_initializer="random_normal",
         **kwargs,

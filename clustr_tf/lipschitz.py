@@ -17,9 +17,9 @@ per-layer bound is exact or an over-estimate, computed without iterative approxi
 - ReLU and linear activations: 1; global average pooling over H x W: 1/sqrt(HW);
   average pooling p with stride s: ceil(p/s)/p; max pooling: ceil(p/s);
 - zero padding, flatten, reshape, dropout: 1; nested models: their own bound;
-- the Lipschitz-by-construction layers of `clustr_tf.lipschitz_layers` (`AOLConv2D`,
-  `AOLDense`, `MaxMin`, `SpaceToDepth`, `ScaledGlobalAveragePooling2D`): 1, exactly by
-  construction, for any weights.
+- the Lipschitz-by-construction layers of `clustr_tf.aol_layers` (`AOLConv2D`,
+  `AOLDense`) and `clustr_tf.lipschitz_layers` (`MaxMin`, `SpaceToDepth`,
+  `ScaledGlobalAveragePooling2D`): 1, exactly by construction, for any weights.
 
 A layer it does not know raises an error rather than a guess. Power iteration is never
 used, so no iteration error has to be accounted for.
@@ -36,12 +36,13 @@ import keras
 import numpy as np
 import threadpoolctl
 
+from clustr_tf import aol_layers
 from clustr_tf import lipschitz_layers
 
 # Layers whose l2 Lipschitz constant is 1 whatever their weights.
 _ONE_LIPSCHITZ_BY_CONSTRUCTION = (
-    lipschitz_layers.AOLConv2D,
-    lipschitz_layers.AOLDense,
+    aol_layers.AOLConv2D,
+    aol_layers.AOLDense,
     lipschitz_layers.MaxMin,
     lipschitz_layers.SpaceToDepth,
     lipschitz_layers.ScaledGlobalAveragePooling2D,
@@ -258,8 +259,9 @@ def _not_by_construction(model):
 def construction_bound(model):
     """The l2 Lipschitz bound of a model that is Lipschitz by construction.
 
-    Every layer must be one of `clustr_tf.lipschitz_layers`' 1-Lipschitz layers
-    (`AOLConv2D`, `AOLDense`, `MaxMin`, `SpaceToDepth`, `ScaledGlobalAveragePooling2D`),
+    Every layer must be one of the 1-Lipschitz layers of `clustr_tf.aol_layers` (`AOLConv2D`,
+    `AOLDense`) and `clustr_tf.lipschitz_layers` (`MaxMin`, `SpaceToDepth`,
+    `ScaledGlobalAveragePooling2D`),
     an input `Normalization` (factor `1 / min(std)`; 1 for mean subtraction only, i.e.
     variance 1), `Flatten`, `Reshape`, `Identity` or an input layer, composed as
     `model_bound` composes them. The bound is then exact by construction: it holds for

@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from clustr_tf import checks
+from clustr_tf import config
 from clustr_tf import ops
 
 # The variance is floored here so that a batch whose features all coincide gives a finite
@@ -75,7 +76,7 @@ def _magnet_from_distances(own, squared_distances, other_class, variance, alpha,
     return tf.where(has_other, value, tf.zeros_like(value))
 
 
-def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5, num_clusters=None, epsilon=None,
+def magnet_loss(y_true, y_pred, clusters_per_class, alpha=config.MAGNET_ALPHA, num_clusters=None, epsilon=None,
                 feature_margin=0.0):
     """Batch-form magnet loss, one value per example.
 
@@ -152,7 +153,7 @@ def magnet_loss(y_true, y_pred, clusters_per_class, alpha=12.5, num_clusters=Non
     return _magnet_from_distances(own, squared_distances, other_class, variance, alpha, epsilon)
 
 
-def magnet_loss_with_centers(labels, features, centers, variance, clusters_per_class, alpha=12.5,
+def magnet_loss_with_centers(labels, features, centers, variance, clusters_per_class, alpha=config.MAGNET_ALPHA,
                              epsilon=None):
     """Magnet loss against stored centers and variance, one value per example.
 
@@ -215,8 +216,8 @@ class MagnetLoss(keras.losses.Loss):
 
     def __init__(
         self,
-        clusters_per_class=2,
-        alpha=12.5,
+        clusters_per_class=config.CLUSTERS_PER_CLASS,
+        alpha=config.MAGNET_ALPHA,
         epsilon=None,
         reduction="sum_over_batch_size",
         name="magnet_loss",

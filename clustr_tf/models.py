@@ -12,27 +12,24 @@ import numpy as np
 import tensorflow as tf
 
 from clustr_tf import certify
+from clustr_tf import config
+from clustr_tf import interfaces
 from clustr_tf import layers
-from clustr_tf import losses as losses_lib
 
 
-def _unpack_targets(y, clusters_per_class):
-    """Training targets -> (labels int64 [N], clusters int32 [N] or None, indices or None)."""
-    if isinstance(y, dict):
-        clusters = y.get("clusters")
-        labels = y.get("labels")
-        if labels is None and clusters is not None:
-            labels = tf.cast(clusters, tf.int64) // clusters_per_class
-        if labels is None:
-            raise ValueError(
-                "Targets must hold 'labels' or 'clusters'. Received keys: " f"{sorted(y)}"
-            )
-        return tf.reshape(tf.cast(labels, tf.int64), [-1]), clusters, y.get("indices")
-    return tf.reshape(tf.cast(y, tf.int64), [-1]), None, None
+class _StepState:
+    """What `Classifier.compile` sets up for its steps, kept out of Keras's tracking (the
+    model's weights and checkpoints stay those of the network): metric trackers (one per
+    name, shared by training and evaluation, as Keras's own loss tracker is), the
+    variables replicas assign themselves, and the (possibly XLA-compiled) gradient step."""
+
+    def __init__(self, train_trackers, eval_trackers, replica_local, gradient_fn):
+        self.train_trackers, self.eval_trackers = train_trackers, eval_trackers
+        self.replica_local, self.gradient_fn = replica_local, gradient_fn
 
 
 class Classifier(keras.Model):
-    """What evaluation, attacks, certification and export ask of a model.
+    """What training, evaluation, attacks, certification and export ask of a model.
 
     `ClusTRModel` (nearest-center certificate) and `baselines.SoftmaxClassifier` (linear
     head) implement it, so no caller needs to look at what a model is:
@@ -44,15 +41,27 @@ class Classifier(keras.Model):
       evaluation attacks as logits (ClusTR) or the logits are those scores (a softmax);
     - `certified_rule` and `certify_features(features)`: the decision a certificate speaks
       about and, in float64, its feature-space radius, class and runner-up;
-    - `prediction_function(neighbours=None)`: a traced `images -> (class, certified class)`;
+    - `decisions_from_features(features, neighbours=None)`: (predicted class, class of the
+      certified rule); `prediction_function(neighbours=None)` traces it on images;
     - `evaluation_neighbours(requested=None)`: the L an evaluation uses (None: no L);
     - `check_usable()`: raises ValueError when the model cannot be evaluated (e.g.
       degenerate centers);
     - `prototypes()`: `(centers, classes)` to draw, or None.
+
+    Training is one step for every objective (`clustr_tf.objectives`): `compile` takes the
+    objective, and `train_step` (what `fit` runs, and what the multi-worker driver of
+    `clustr_tf.training` runs through `strategy.run`) asks it for per-example losses and
+    metrics, averages the loss over the global batch, applies the gradients, and averages
+    over replicas the variables each replica assigns itself (batch-norm statistics).
     """
 
     logits_are_log_scores = False
     certified_rule = None
+    # Set by the objective's callbacks (ClusterRefresh) or by hand: an object with
+    # `record_losses(indices, losses)`, such as the NeighbourhoodSampler; the training step
+    # hands it the objective's per-example record. Not part of the model's state.
+    loss_recorder = None
+    _step = None  # what `compile` sets up for the training step (`_StepState`)
 
     def embed(self, inputs, training=False):
         """float tensor [batch, D]: the backbone's features."""
@@ -61,6 +70,18 @@ class Classifier(keras.Model):
     def class_logits(self, images, neighbours=None, training=False):
         """float tensor [batch, C]: class logits of images."""
         return self.logits_from_features(self.embed(images, training=training), neighbours)
+
+    def logits_from_features(self, features, neighbours=None):
+        """float tensor [batch, C]: class logits of features."""
+        raise NotImplementedError
+
+    def decisions_from_features(self, features, neighbours=None):
+        """(predicted class, certified-rule class), int64 [batch] each."""
+        raise NotImplementedError
+
+    def certify_features(self, features):
+        """float64 numpy `(feature_radius, classes, runner_up)` of the certified rule."""
+        raise NotImplementedError
 
     def prediction_function(self, neighbours=None):
         """A `tf.function` images -> (predicted class, class of the certified rule)."""
@@ -80,21 +101,114 @@ class Classifier(keras.Model):
     def prototypes(self):
         return None
 
+    # ---- training: one step for every objective --------------------------------------------
+
+    def compile(self, optimizer="adam", objective=None, metrics=None, seed=0, jit_compile=False, **kwargs):
+        """Configures training with a training objective.
+
+        Args:
+            optimizer: a Keras optimizer (a `LossScaleOptimizer` for a float16 backbone).
+            objective: an `objectives.Objective` (ClusTR, CrossEntropy, PGDAT, ...): the
+                step's losses and metrics are the objective's.
+            metrics: more Keras metrics for `evaluate` and validation, on (labels, logits).
+            seed: int, the base of the stateless seeds of training attacks (distinct per
+                step and replica).
+            jit_compile: compile the gradient step with XLA (the sampler's bookkeeping runs
+                outside it).
+            **kwargs: `keras.Model.compile` arguments (`steps_per_execution`, ...).
+        """
+        if not isinstance(objective, interfaces.Objective) or "loss" in kwargs:
+            raise TypeError(f"{type(self).__name__}.compile takes an `objective` (e.g. clustr_tf.objectives.ClusTR(), "
+                            f"or CrossEntropy() for a linear head) instead of a loss. Received: objective="
+                            f"{type(objective).__name__}" + (f", loss={kwargs['loss']!r}" if "loss" in kwargs else ""))
+        objective.check_model(self)
+        super().compile(optimizer=optimizer, metrics=metrics, jit_compile=False, **kwargs)
+        self.objective = objective
+        self.attack_seed = int(seed)
+        train, evaluation = ("loss", *objective.metric_names), ("loss", *objective.evaluation_metric_names)
+        trackers = {name: keras.metrics.Mean(name=name) for name in dict.fromkeys(train + evaluation)}
+        self._step = _StepState(
+            train_trackers=[trackers[n] for n in train], eval_trackers=[trackers[n] for n in evaluation],
+            replica_local=[v for v in self.non_trainable_variables
+                           if getattr(v.value, "aggregation", None) == tf.VariableAggregation.NONE],
+            gradient_fn=tf.function(self._gradient_step, jit_compile=True) if jit_compile else self._gradient_step)
+
+    def get_compile_config(self):
+        """None: a saved model holds the network, not its training (the objective is not
+        serialized); compile it again to train it further."""
+        return None
+
+    @property
+    def metrics(self):
+        own = list(dict.fromkeys(self._step.train_trackers + self._step.eval_trackers)) if self._step else []
+        # Keras's own loss tracker is replaced by ours (the objective's loss); compiled
+        # metrics are evaluation's (built by their first `evaluate` batch).
+        return own + [m for m in super().metrics if m.name != "loss" and m.built]
+
+    def _attack_seed(self):
+        """A stateless seed for this step's training attack, distinct per step and replica."""
+        ctx = tf.distribute.get_replica_context()
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return tf.stack([tf.constant(self.attack_seed, tf.int64),
+                         tf.cast(self.optimizer.iterations, tf.int64) * replicas
+                         + tf.cast(ctx.replica_id_in_sync_group, tf.int64)])
+
+    def _gradient_step(self, images, targets, seed):
+        """The one gradient step of every objective: per-example values and the record."""
+        with tf.GradientTape() as tape:
+            result = self.objective.losses(self, images, targets, seed)
+            # The mean over the global batch: R replicas on R batches update as one
+            # replica on all of them (Keras's optimizer sums the replicas' gradients).
+            loss = tf.nn.compute_average_loss(result.losses)
+            if self.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(self.losses))
+            scaled = self.optimizer.scale_loss(loss)
+        variables = self.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        ctx = tf.distribute.get_replica_context()
+        if ctx.num_replicas_in_sync > 1:  # every replica holds the same batch-norm statistics
+            for v in self._step.replica_local:
+                v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
+        return {"loss": result.losses, **result.metrics}, result.record
+
+    def train_step(self, data):
+        images, targets, _ = keras.utils.unpack_x_y_sample_weight(data)
+        targets = targets if isinstance(targets, dict) else {"labels": targets}
+        values, record = self._step.gradient_fn(images, targets, self._attack_seed())
+        # Outside the (possibly XLA-compiled) step: the sampler's state is a host variable.
+        if record is not None and self.loss_recorder is not None and "indices" in targets:
+            self.loss_recorder.record_losses(targets["indices"], record)
+        if set(values) != {t.name for t in self._step.train_trackers}:
+            raise ValueError(f"{type(self.objective).__name__}.losses must give the metrics its `metric_names` "
+                             f"declares, {sorted(self.objective.metric_names)}. Received: "
+                             f"{sorted(set(values) - {'loss'})}")
+        for tracker in self._step.train_trackers:
+            tracker.update_state(values[tracker.name])
+        return {t.name: t.result() for t in self._step.train_trackers}
+
+    def test_step(self, data):
+        images, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        labels = tf.reshape(tf.cast(targets["labels"] if isinstance(targets, dict) else targets, tf.int64), [-1])
+        values, logits = self.objective.evaluation(self, images, labels)
+        for tracker in self._step.eval_trackers:
+            tracker.update_state(values[tracker.name])
+        logs = self.compute_metrics(images, labels, logits, sample_weight=sample_weight)
+        train_only = {t.name for t in self._step.train_trackers} - {t.name for t in self._step.eval_trackers}
+        return {k: v for k, v in logs.items() if k not in train_only}
+
 
 @keras.saving.register_keras_serializable(package="clustr_tf")
 class ClusTRModel(Classifier):
     """A ClusTR classifier: `ClusterCenters` on top of a feature extractor.
 
-    Compile it with `clustr_tf.losses.MagnetLoss` and fit it on
-    `NeighbourhoodSampler.dataset()` with a `ClusterRefresh` callback. Training targets
-    are a dict with `"clusters"` (global cluster index of each example; the magnet loss
-    groups the batch by it), optionally `"labels"` and `"indices"` (each example's index
-    in the training set, under which its loss is recorded in `loss_recorder`). Evaluation
-    targets are plain class labels (or a dict with `"labels"`); the evaluation loss is the
-    magnet loss against the stored centers.
-
-    Metrics: the compiled ones (e.g. `"accuracy"`) see class labels and the soft-kNC
-    logits; `nearest_center_accuracy` (the certified decision rule) is always reported.
+    Compile it with an objective (`objectives.ClusTR(...)`) and fit it on the objective's batches
+    (`NeighbourhoodSampler.dataset()`) with its callbacks (`ClusterRefresh`). Training
+    targets are a dict with `"labels"`, `"clusters"` (global cluster index of each example;
+    the magnet loss groups the batch by it) and `"indices"` (each example's index in the
+    training set, under which its loss is recorded in `loss_recorder`). Evaluation targets
+    are plain class labels (or a dict with `"labels"`); the evaluation loss is the magnet
+    loss against the stored centers, and `nearest_center_accuracy` (the certified
+    decision rule) is reported beside `accuracy` (soft kNC).
 
     Args:
         backbone: a Keras model mapping images [batch, H, W, C] in [0, 1] to features
@@ -117,15 +231,15 @@ class ClusTRModel(Classifier):
     backbone = clustr_tf.backbones.small_convnet((8, 8, 1))
     model = clustr_tf.models.ClusTRModel(backbone, num_classes=10)
     model.compile(optimizer=keras.optimizers.Adam(1e-4),
-                  loss=clustr_tf.losses.MagnetLoss(clusters_per_class=2),
-                  metrics=["accuracy"])
+                  objective=clustr_tf.objectives.ClusTR(consistency_lambda=8.0))
     ```
 
     Reference:
         Alfarra et al., "Rethinking Clustering for Robustness", BMVC 2021.
     """
 
-    def __init__(self, backbone, num_classes, clusters_per_class=2, neighbours=10, **kwargs):
+    def __init__(self, backbone, num_classes, clusters_per_class=config.CLUSTERS_PER_CLASS,
+                 neighbours=config.NEIGHBOURS, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(backbone, keras.layers.Layer):
             raise TypeError(
@@ -136,11 +250,6 @@ class ClusTRModel(Classifier):
         self.cluster_centers = layers.ClusterCenters(
             num_classes, clusters_per_class, neighbours, name="cluster_centers", dtype="float32"
         )
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.nearest_center_accuracy = keras.metrics.Accuracy(name="nearest_center_accuracy")
-        # Set by ClusterRefresh (or by hand): an object with `record_losses(indices,
-        # losses)`, such as the NeighbourhoodSampler. Not part of the model's state.
-        self.loss_recorder = None
         if backbone.built and getattr(backbone, "inputs", None):
             self.build(tuple(backbone.inputs[0].shape))
 
@@ -184,7 +293,7 @@ class ClusTRModel(Classifier):
 
     def evaluation_neighbours(self, requested=None):
         """L of the soft-kNC rule at evaluation: `requested` (official: 20), at most C*K."""
-        return min(requested or 20, self.cluster_centers.num_clusters)
+        return min(requested or config.EVAL_NEIGHBOURS, self.cluster_centers.num_clusters)
 
     def check_usable(self):
         """Raises ValueError for centers that cannot classify (NaN, all equal) or a variance <= 0."""
@@ -198,76 +307,6 @@ class ClusTRModel(Classifier):
         """(centers [C*K, D], their classes [C*K]) as numpy."""
         layer = self.cluster_centers
         return layer.centers.numpy(), np.arange(layer.num_clusters) // layer.clusters_per_class
-
-    def _magnet(self):
-        if not isinstance(self.loss, losses_lib.MagnetLoss):
-            raise TypeError(
-                "ClusTRModel must be compiled with clustr_tf.losses.MagnetLoss. "
-                f"Received loss: {self.loss!r}"
-            )
-        if self.loss.clusters_per_class != self.cluster_centers.clusters_per_class:
-            raise ValueError(
-                "MagnetLoss.clusters_per_class must equal the model's clusters_per_class "
-                f"({self.cluster_centers.clusters_per_class}). Received: "
-                f"{self.loss.clusters_per_class}"
-            )
-        return self.loss
-
-    @property
-    def metrics(self):
-        # Keras's own loss tracker (also named "loss") is replaced by ours: the
-        # training loss here is the magnet loss on features, not on the outputs.
-        return [self.loss_tracker] + [m for m in super().metrics if m.name != "loss"]
-
-    def _update_metrics(self, x, labels, features, loss):
-        logits = self.cluster_centers(features)
-        self.loss_tracker.update_state(loss)
-        self.nearest_center_accuracy.update_state(
-            labels, self.cluster_centers.nearest_center_class(features)
-        )
-        results = self.compute_metrics(x, labels, logits)
-        results["loss"] = self.loss_tracker.result()
-        return results
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        magnet = self._magnet()
-        labels, clusters, indices = _unpack_targets(y, self.cluster_centers.clusters_per_class)
-        if clusters is None:
-            raise ValueError(
-                "Training targets must be a dict with 'clusters' (the cluster index of each "
-                "example), as NeighbourhoodSampler.dataset() yields."
-            )
-        with tf.GradientTape() as tape:
-            features = self.backbone(x, training=True)
-            # Keras's own reduction: mean over the batch, divided by the number of
-            # replicas under a tf.distribute strategy, plus regularization losses.
-            loss = self.compute_loss(
-                x=x, y=clusters, y_pred=features, sample_weight=sample_weight, training=True
-            )
-            scaled = self.optimizer.scale_loss(loss)
-        gradients = tape.gradient(scaled, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        per_example = magnet.call(clusters, tf.stop_gradient(features))
-        if self.loss_recorder is not None and indices is not None:
-            self.loss_recorder.record_losses(indices, per_example)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        return self._update_metrics(x, labels, features, loss * replicas)
-
-    def test_step(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        labels, _, _ = _unpack_targets(y, self.cluster_centers.clusters_per_class)
-        features = self.backbone(x, training=False)
-        layer = self.cluster_centers
-        per_example = losses_lib.magnet_loss_with_centers(
-            labels,
-            features,
-            layer.centers,
-            layer.variance,
-            layer.clusters_per_class,
-            alpha=self.loss.alpha if isinstance(self.loss, losses_lib.MagnetLoss) else 12.5,
-        )
-        return self._update_metrics(x, labels, features, tf.reduce_mean(per_example))
 
     def get_config(self):
         layer = self.cluster_centers

@@ -1,13 +1,16 @@
 """Training objectives: one small object per training method.
 
 An objective says what one training step minimises on a batch, per example, and what it
-reports; `clustr_tf.training.Trainer` owns everything else (the loop, the shared gradient
-step, distribution, checkpoints, logging). Each objective also makes the model it trains
-and the batches it trains on, and may add Keras callbacks (ClusTR's cluster refresh):
+reports; the model's `train_step` (`models.Classifier`, run by Keras `fit`) owns the
+gradient step itself, once for every objective. Each objective also makes the model it
+trains and the batches it trains on, and may add Keras callbacks (ClusTR's cluster refresh):
 
     objective = objectives.ClusTR(consistency_lambda=8.0)        # ClusTR+QTRADES
     model = objective.build_model(backbone, num_classes=10)
     batches = objective.batches(images, labels, num_classes=10)  # neighbourhood batches
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), objective=objective)
+    model.fit(batches.dataset(), steps_per_epoch=50, epochs=25,
+              callbacks=objective.callbacks(batches))
 
 The methods:
 
@@ -21,16 +24,12 @@ The methods:
 - `PGDAT`: the same on PGD inputs (Madry et al.).
 
 A new method is a new `Objective` subclass: `losses` (and, if it needs them, `batches`,
-`build_model`, `callbacks`, `record`); the training loop does not change.
+`build_model`, `callbacks`, `evaluation`); the training step does not change.
 
 Reference:
     Alfarra et al., "Rethinking Clustering for Robustness", BMVC 2021 (ClusTR+QTRADES);
-    Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy",
-    ICML 2019 (TRADES); Madry et al., "Towards Deep Learning Models Resistant to
-    Adversarial Attacks", ICLR 2018.
+    Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018.
 """
-
-import collections
 
 import tensorflow as tf
 
@@ -38,67 +37,18 @@ from clustr_tf import baselines
 from clustr_tf import checks
 from clustr_tf import clustering
 from clustr_tf import config
+from clustr_tf import consistency
+from clustr_tf.interfaces import Objective
+from clustr_tf.interfaces import Result
 from clustr_tf import lipschitz
 from clustr_tf import losses
 from clustr_tf import models
 from clustr_tf import ops
 from clustr_tf import sampler as sampler_lib
 
-# "official": the paper's ClusTR+QTRADES term; "kl": a TRADES-style KL, not the paper's.
-CONSISTENCY_FORMS = config.CONSISTENCY_FORMS
-
-# What `Objective.losses` returns for one replica's batch: per-example float32 [B] values.
-#   losses: what the step minimises (their mean over the global batch);
-#   metrics: {name: [B]} averaged over the epoch and shown (accuracy and the like);
-#   record: per-example values the objective hands its batch source (`record`), or None.
-Result = collections.namedtuple("Result", "losses metrics record")
-
 
 def _accuracy(logits, labels):
     return tf.cast(tf.argmax(logits, -1) == labels, tf.float32)
-
-
-class Objective:
-    """A training method (see the module docstring).
-
-    Attributes:
-        model_class: the `models.Classifier` subclass it trains.
-        validation_metrics: {log name: key of `models.evaluate_accuracy`'s result} logged
-            after each epoch on the test split.
-    """
-
-    model_class = models.Classifier
-    validation_metrics = {"val_accuracy": "clean_accuracy"}
-
-    def losses(self, model, images, targets, seed):
-        """`Result` for one replica's batch.
-
-        Args:
-            model: the model being trained (an instance of `model_class`).
-            images: float tensor [B, H, W, C] in [0, 1].
-            targets: the batch source's targets (a dict with "labels", ...).
-            seed: int64 tensor [2], distinct per step and replica, for training attacks.
-        """
-        raise NotImplementedError
-
-    def build_model(self, backbone, num_classes):
-        """The model this objective trains, on `backbone`."""
-        raise NotImplementedError
-
-    def batches(self, images, labels, num_classes, seed=0, batch_size=240):
-        """The batch source (`dataset(start, stream, augment)`, `state_variables()`,
-        `record_losses(indices, losses)`, `batch_size`): shuffled batches by default."""
-        del num_classes
-        return baselines.BatchSource(images, labels, min(batch_size, len(labels)), seed=seed)
-
-    def callbacks(self, trainer, resumed):
-        """Keras callbacks the objective needs in `trainer`'s loop (before the loggers)."""
-        del trainer, resumed
-        return []
-
-    def record(self, source, targets, record):
-        """Hands `record` (from `losses`) to the batch source; nothing by default."""
-        del source, targets, record
 
 
 class _CertifiedMargin:
@@ -118,11 +68,13 @@ class _CertifiedMargin:
         return self.certified_margin * lipschitz.construction_bound(model.backbone)
 
     def check_model(self, model):
-        """Raises for a model this objective cannot certify-train (no exact bound)."""
+        """Raises for a model of another class, or one this objective cannot
+        certify-train (no exact bound)."""
+        Objective.check_model(self, model)
         self.feature_margin(model)
 
 
-class CrossEntropy(Objective, _CertifiedMargin):
+class CrossEntropy(_CertifiedMargin, Objective):
     """A softmax classifier (a linear head on the backbone) trained with cross-entropy.
 
     Args:
@@ -137,6 +89,11 @@ class CrossEntropy(Objective, _CertifiedMargin):
 
     def __init__(self, certified_margin=0.0):
         self._init_margin(certified_margin)
+
+    def batches(self, images, labels, num_classes, seed=0, batch_size=240):
+        """Shuffled batches (`baselines.BatchSource`)."""
+        del num_classes
+        return baselines.BatchSource(images, labels, min(batch_size, len(labels)), seed=seed)
 
     def build_model(self, backbone, num_classes):
         model = baselines.SoftmaxClassifier(backbone, num_classes=num_classes)
@@ -173,7 +130,7 @@ class PGDAT(CrossEntropy):
     start; on CIFAR-10 eps 8/255, step 2/255, 7 to 10 steps). The attack runs in inference
     mode and its result is a constant (`baselines.pgd_perturbation`)."""
 
-    def __init__(self, eps=8.0 / 255.0, step=2.0 / 255.0, iterations=10):
+    def __init__(self, eps=config.PGD_EPS, step=config.PGD_STEP, iterations=config.PGD_ITERATIONS):
         super().__init__()
         checks.positive_int("iterations", iterations)
         if not 0 < step <= eps:
@@ -184,7 +141,7 @@ class PGDAT(CrossEntropy):
         return baselines.pgd_perturbation(model, images, labels, self.eps, self.step, self.iterations, seed)
 
 
-class ClusTR(Objective, _CertifiedMargin):
+class ClusTR(_CertifiedMargin, Objective):
     """ClusTR: the magnet loss on neighbourhood batches, with its optional terms (see
     `per_example_objective`), on a `models.ClusTRModel`.
 
@@ -197,7 +154,7 @@ class ClusTR(Objective, _CertifiedMargin):
         xent_lambda: weight of the official cross-entropy (raw scores S as logits).
         logits_xent_lambda: weight of a cross-entropy on log S.
         consistency_lambda: weight of the QTRADES term (0: off; official 8).
-        consistency: its form, one of `CONSISTENCY_FORMS`.
+        consistency: its form, one of `config.CONSISTENCY_FORMS`.
         consistency_eps, consistency_step: its perturbation (official 8/255, 10/255).
         refresh_every: re-cluster after every this many epochs (official 1).
         certified_margin: an l2 radius eps in pixels (0: off, the paper's objective). With
@@ -211,11 +168,13 @@ class ClusTR(Objective, _CertifiedMargin):
 
     model_class = models.ClusTRModel
     validation_metrics = {"val_accuracy": "clean_accuracy", "val_nearest_center_accuracy": "nearest_center_accuracy"}
+    evaluation_metric_names = ("accuracy", "nearest_center_accuracy")
 
-    def __init__(self, clusters_per_class=2, neighbours=10, m=12, d=20, alpha=12.5, magnet_epsilon=None,
-                 xent_lambda=0.0, logits_xent_lambda=0.0, consistency_lambda=0.0, consistency="official",
-                 consistency_eps=8.0 / 255.0, consistency_step=10.0 / 255.0, refresh_every=1,
-                 certified_margin=0.0):
+    def __init__(self, clusters_per_class=config.CLUSTERS_PER_CLASS, neighbours=config.NEIGHBOURS,
+                 m=config.CLUSTERS_PER_BATCH, d=config.EXAMPLES_PER_CLUSTER, alpha=config.MAGNET_ALPHA,
+                 magnet_epsilon=None, xent_lambda=0.0, logits_xent_lambda=0.0, consistency_lambda=0.0,
+                 consistency="official", consistency_eps=config.QTRADES_EPS, consistency_step=config.QTRADES_STEP,
+                 refresh_every=1, certified_margin=0.0):
         for name, value in (("clusters_per_class", clusters_per_class), ("neighbours", neighbours), ("m", m),
                             ("d", d), ("refresh_every", refresh_every)):
             checks.positive_int(name, value)
@@ -223,7 +182,7 @@ class ClusTR(Objective, _CertifiedMargin):
                             ("consistency_lambda", consistency_lambda), ("consistency_eps", consistency_eps),
                             ("consistency_step", consistency_step)):
             checks.non_negative(name, value)
-        checks.one_of("consistency", consistency, CONSISTENCY_FORMS)
+        checks.one_of("consistency", consistency, config.CONSISTENCY_FORMS)
         self.clusters_per_class, self.neighbours, self.m, self.d = clusters_per_class, neighbours, m, d
         self.alpha, self.magnet_epsilon = float(alpha), magnet_epsilon
         self.xent_lambda, self.logits_xent_lambda = float(xent_lambda), float(logits_xent_lambda)
@@ -244,20 +203,28 @@ class ClusTR(Objective, _CertifiedMargin):
                                                 clusters_per_class=self.clusters_per_class, m=self.m, d=self.d,
                                                 seed=seed)
 
-    def cluster_refresh(self, trainer, resumed=False):
-        """The `clustering.ClusterRefresh` of `trainer`'s run (its model set): before the
-        first step of a new run, and after every `refresh_every` epochs; a resumed run
-        keeps the centers it saved. Its `refresh()` re-clusters now."""
-        refresh = clustering.ClusterRefresh(
-            trainer.sampler, frequency=self.refresh_every, refresh_on_train_begin=not resumed,
-            batch_size=trainer.config.eval_batch_size, seed=trainer.config.seed, strategy=trainer.strategy)
-        refresh.set_model(trainer.model)
-        return refresh
+    @property
+    def metric_names(self):
+        names = ("magnet_loss", "accuracy", "nearest_center_accuracy")
+        return names + ("consistency_loss",) if self.consistency_lambda else names
 
-    def callbacks(self, trainer, resumed):
-        return [self.cluster_refresh(trainer, resumed)]
+    def cluster_refresh(self, batches, resumed=False, strategy=None, batch_size=256, seed=0):
+        """The `clustering.ClusterRefresh` of a run on `batches` (a `NeighbourhoodSampler`):
+        before the first step of a new run, and after every `refresh_every` epochs; a
+        resumed run keeps the centers it saved. Its `refresh()` re-clusters now (once its
+        model is set)."""
+        return clustering.ClusterRefresh(
+            batches, frequency=self.refresh_every, refresh_on_train_begin=not resumed,
+            batch_size=batch_size, seed=seed, strategy=strategy)
+
+    def callbacks(self, batches, resumed=False, strategy=None, batch_size=256, seed=0):
+        return [self.cluster_refresh(batches, resumed, strategy, batch_size, seed)]
 
     def losses(self, model, images, targets, seed):
+        if "clusters" not in targets:
+            raise ValueError("ClusTR's training targets must be a dict with 'labels', 'clusters' (the cluster of "
+                             "each example) and 'indices', as NeighbourhoodSampler.dataset() yields. Received "
+                             f"keys: {sorted(targets)}")
         total, magnet, logits, features, extras = per_example_objective(model, images, targets, self, seed=seed)
         labels = tf.cast(targets["labels"], tf.int64)
         hard = model.cluster_centers.nearest_center_class(features)
@@ -265,103 +232,20 @@ class ClusTR(Objective, _CertifiedMargin):
                    "nearest_center_accuracy": tf.cast(hard == labels, tf.float32)}
         if "consistency" in extras:
             metrics["consistency_loss"] = extras["consistency"]
+        # Each example's magnet loss goes to the sampler's seed distribution.
         return Result(total, metrics, magnet)
 
-    def record(self, source, targets, record):
-        """Each example's magnet loss goes to the sampler's seed distribution."""
-        source.record_losses(targets["indices"], record)
-
-
-def kl_divergence(logits_p, logits_q):
-    """Per-example KL(p || q) between the softmax distributions of two logit tensors."""
-    log_p = tf.nn.log_softmax(tf.cast(logits_p, tf.float32))
-    log_q = tf.nn.log_softmax(tf.cast(logits_q, tf.float32))
-    return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
-
-
-def official_consistency(probabilities, scores):
-    """The official ClusTR+QTRADES term per example: -sum_c p_c log softmax(S)_c.
-
-    A cross-entropy between the clean soft-kNC probabilities `p` and a softmax of the RAW
-    scores `S` (in [0, K]) of the perturbed input, not of log S. It is at least
-    log(1 + (C - 1) e^-K) (0.80 nats for C = 10, K = 2) and at most K + log C (4.3): bounded,
-    unlike a KL between soft-kNC probabilities (about 100 nats when a class leaves the L
-    nearest clusters), and lowered by moving the perturbed input towards the centers of
-    the clean prediction.
-
-    Args:
-        probabilities: float [B, C], p.
-        scores: float [B, C], S of the perturbed input.
-
-    Returns:
-        float32 [B].
-    """
-    log_q = tf.nn.log_softmax(tf.cast(scores, tf.float32))
-    return -tf.reduce_sum(tf.cast(probabilities, tf.float32) * log_q, axis=-1)
-
-
-def _consistency_output(model, images, form, training):
-    """What the consistency term of `form` compares: S (official) or logits (kl)."""
-    if form == "official":
+    def evaluation(self, model, images, labels):
+        """The magnet loss against the stored centers (`losses.magnet_loss_with_centers`),
+        the soft-kNC accuracy and the nearest-center accuracy."""
         layer = model.cluster_centers
-        return layer.scores_from_distances(layer.squared_distances(model.embed(images, training=training)))
-    return model(images, training=training)
-
-
-def _consistency_term(form, clean_logits, output):
-    if form == "official":
-        return official_consistency(tf.nn.softmax(clean_logits), output)
-    return kl_divergence(clean_logits, output)
-
-
-def consistency_perturbation(model, images, target, form, eps, step, seed):
-    """The QTRADES adversarial input: one random-start signed step on the consistency term.
-
-    Starts from `images + uniform(-eps, eps)` (clipped to [0, 1]), takes one step of size
-    `step` along the sign of the gradient, with respect to x, of the term of `form` between
-    the constant `target` and the model at x, and projects back into the l_inf ball of
-    radius `eps` and [0, 1]:
-
-    - "official": `official_consistency(p, S(x))`, p = softmax(target), S over the model's
-      training L;
-    - "kl": KL(p || p(x)).
-
-    The model runs in inference mode (the official code runs its attack in training
-    mode: batch statistics, and it updates the moving ones), and the result is a constant
-    (`stop_gradient`): the attack's gradient never reaches the weights (the official code
-    adds the attack's weight gradients to the training step; not copied).
-
-    Args:
-        model: a `ClusTRModel`.
-        images: float tensor [B, H, W, C] in [0, 1].
-        target: float tensor [B, C], the clean logits (log-scores), held constant.
-        form: one of `CONSISTENCY_FORMS`.
-        eps: float, l_inf radius.
-        step: float, step size.
-        seed: int tensor [2], for the random start.
-
-    Returns:
-        float tensor [B, H, W, C], the perturbed images.
-    """
-    if form not in CONSISTENCY_FORMS:
-        raise ValueError(f"`form` must be one of {', '.join(CONSISTENCY_FORMS)}. Received: {form!r}")
-    images = tf.stop_gradient(images)
-    target = tf.stop_gradient(target)
-    start = images + tf.random.stateless_uniform(tf.shape(images), seed, -eps, eps, images.dtype)
-    start = tf.clip_by_value(start, 0.0, 1.0)
-    with tf.GradientTape() as tape:
-        tape.watch(start)
-        term = tf.reduce_sum(_consistency_term(form, target, _consistency_output(model, start, form, False)))
-    grad = tape.gradient(term, start)
-    adv = start + step * tf.sign(grad)
-    adv = tf.clip_by_value(tf.clip_by_value(adv, images - eps, images + eps), 0.0, 1.0)
-    return tf.stop_gradient(adv)
-
-
-def qtrades_perturbation(model, images, eps, step, seed):
-    """The "kl" form's input: `consistency_perturbation` on KL(p(images) || p(x)), the
-    clean logits taken in inference mode."""
-    return consistency_perturbation(model, images, model(images, training=False), "kl", eps, step, seed)
+        features = model.embed(images, training=False)
+        logits = model.logits_from_features(features)
+        loss = losses.magnet_loss_with_centers(labels, features, layer.centers, layer.variance,
+                                               layer.clusters_per_class, alpha=self.alpha, epsilon=self.magnet_epsilon)
+        hard = layer.nearest_center_class(features)
+        return {"loss": loss, "accuracy": _accuracy(logits, labels),
+                "nearest_center_accuracy": tf.cast(hard == labels, tf.float32)}, logits
 
 
 def per_example_objective(model, images, targets, config, adversarial=None, seed=None):
@@ -383,7 +267,7 @@ def per_example_objective(model, images, targets, config, adversarial=None, seed
         model: a `ClusTRModel`.
         images: float tensor [B, H, W, C].
         targets: dict with "labels" int [B] and "clusters" int [B].
-        config: a `ClusTR` objective (or anything with its term weights and settings).
+        config: a `ClusTR` objective.
         adversarial: optional QTRADES input for `images` (a constant).
         seed: int tensor [2]; needed when consistency_lambda > 0 and `adversarial` is None.
 
@@ -394,7 +278,7 @@ def per_example_objective(model, images, targets, config, adversarial=None, seed
     """
     layer = model.cluster_centers
     features = model.backbone(images, training=True)
-    margin = config.feature_margin(model) if hasattr(config, "feature_margin") else 0.0
+    margin = config.feature_margin(model)
     magnet = losses.magnet_loss(
         targets["clusters"], features, layer.clusters_per_class, config.alpha,
         num_clusters=layer.num_clusters, epsilon=config.magnet_epsilon, feature_margin=margin,
@@ -416,27 +300,25 @@ def per_example_objective(model, images, targets, config, adversarial=None, seed
             if seed is None:
                 raise ValueError("`per_example_objective` needs `adversarial` or `seed` when consistency_lambda > 0")
             target = logits if form == "official" else model(images, training=False)
-            adversarial = consistency_perturbation(
+            adversarial = consistency.perturbation(
                 model, images, target, form, config.consistency_eps, config.consistency_step, seed
             )
-        term = _consistency_term(form, logits, _consistency_output(model, adversarial, form, training=True))
+        term = consistency.term(form, logits, consistency.term_output(model, adversarial, form, training=True))
         total += config.consistency_lambda * term
         extras = {"adversarial": adversarial, "consistency": term}
     return total, magnet, logits, features, extras
 
 
-def from_train_config(config, **clustr_settings):
-    """The objective a `training.TrainConfig` names (`method` and its settings).
-
-    `clustr_settings` (`clusters_per_class`, `neighbours`, `m`, `d`) go to `ClusTR`: they
-    shape its model and batches, which the training loop itself does not need.
-    """
-    if config.method == "cross_entropy":
-        return CrossEntropy(certified_margin=config.certified_margin)
-    if config.method == "pgd_at":
-        return PGDAT(config.pgd_eps, config.pgd_step, config.pgd_iterations)
-    return ClusTR(**clustr_settings, alpha=config.alpha, magnet_epsilon=config.magnet_epsilon, xent_lambda=config.xent_lambda,
-                  logits_xent_lambda=config.logits_xent_lambda, consistency_lambda=config.consistency_lambda,
-                  consistency=config.consistency, consistency_eps=config.consistency_eps,
-                  consistency_step=config.consistency_step, refresh_every=config.refresh_every,
-                  certified_margin=config.certified_margin)
+def from_config(objective, model):
+    """The objective of a run's `config.Objective` section (`method` and its settings),
+    with the `config.Model` section's K and L for ClusTR."""
+    if objective.method == "cross_entropy":
+        return CrossEntropy(certified_margin=objective.certified_margin)
+    if objective.method == "pgd_at":
+        return PGDAT(objective.pgd_eps, objective.pgd_step, objective.pgd_iterations)
+    return ClusTR(clusters_per_class=model.k, neighbours=model.L, m=objective.m, d=objective.d, alpha=objective.alpha,
+                  magnet_epsilon=losses.OFFICIAL_EPSILON if objective.magnet_cap else None,
+                  xent_lambda=objective.xent_lambda, logits_xent_lambda=objective.logits_xent_lambda,
+                  consistency_lambda=objective.consistency_lambda, consistency=objective.consistency,
+                  consistency_eps=objective.consistency_eps, consistency_step=objective.consistency_step,
+                  refresh_every=objective.refresh_every, certified_margin=objective.certified_margin)

@@ -21,6 +21,8 @@ stated for the float32 network.
 
 import keras
 
+from clustr_tf import models
+
 PRECISIONS = ("float32", "float16", "bfloat16")
 POLICIES = {"float32": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 
@@ -65,10 +67,9 @@ class policy_scope:
 
 
 def _backbone(model):
-    backbone = getattr(model, "backbone", None)
-    if not isinstance(backbone, keras.layers.Layer):
-        raise TypeError(f"`model` must be a Classifier with a `backbone` layer. Received: {type(model).__name__}")
-    return backbone
+    if not isinstance(model, models.Classifier):
+        raise TypeError(f"`model` must be a clustr_tf.models.Classifier. Received: {type(model).__name__}")
+    return model.backbone
 
 
 def of(model):

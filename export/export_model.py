@@ -4,10 +4,11 @@
 
 writes `BASE/N/` (TF Serving's layout; N defaults to the next free version, an existing
 version is never overwritten) with the signatures `serving_default`, `certify` and `embed`
-of ../DESIGN.md. The library does the work (`clustr_tf.serving`, whose docstring describes
-the signatures, the request checks, the stored Lipschitz bound and the warmup requests;
-`training/main.py --export_dir=BASE` calls it at the end of training); this binary loads a
-run directory, takes L from its config.json and checks its flags.
+of docs/serving.md. The library does the work (`clustr_tf.serving`: `serving.signatures`
+describes the signatures, the request checks and the stored Lipschitz bound,
+`serving.export` the export and its warmup requests; `training/main.py --export_dir=BASE`
+calls it at the end of training); this binary loads a run directory, takes L from its
+config.json and checks its flags.
 """
 
 import json
@@ -80,11 +81,8 @@ def run(f):
     if not os.path.isdir(f.model_dir):
         raise ExportError(f"--model_dir is not a directory. Received: {f.model_dir}")
     serving.check_export_dir(f.export_dir)
-    if version is not None and os.path.exists(os.path.join(f.export_dir, str(version))):
-        raise ExportError(
-            f"Version {version} already exists; it is never overwritten. Received: "
-            f"{os.path.join(f.export_dir, str(version))}"
-        )
+    if version is not None:
+        serving.check_new_version(f.export_dir, version)
     model, run_config = load_run(f.model_dir)
     clusters = model.cluster_centers.num_clusters
     neighbours = f.eval_L or min(run_config.get("eval_L") or serving.DEFAULT_EVAL_NEIGHBOURS, clusters)

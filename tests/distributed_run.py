@@ -19,53 +19,49 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # noqa: E402
 
 
-def _build(strategy, seed):
+def _build(strategy, seed, optimizer=None):
+    """A compiled digits ClusTR model built under `strategy`, and its sampler."""
     import keras
 
-    from clustr_tf import backbones, data, models
-    from clustr_tf import sampler as sampler_lib
+    from clustr_tf import backbones, data, objectives
 
     keras.utils.set_random_seed(seed)
     x, y = data.load_arrays("digits", "train")
     info = data.info("digits")
-    sampler = sampler_lib.NeighbourhoodSampler(x, y, 10, 2, m=6, d=10, seed=seed)
+    objective = objectives.ClusTR(clusters_per_class=2, neighbours=10, m=6, d=10)
+    sampler = objective.batches(x, y, 10, seed=seed)
     with strategy.scope():
         backbone = backbones.small_convnet(info.image_shape, width=8, embedding_dim=16,
                                            mean=info.mean, std=info.std)
-        model = models.ClusTRModel(backbone, 10, 2, 10)
+        model = objective.build_model(backbone, 10)
+        model.compile(optimizer=optimizer() if optimizer else keras.optimizers.Adam(3e-3), objective=objective)
     return model, sampler
 
 
-def check_scaling(strategy, model_dir):
+def check_scaling(strategy):
     """One step on two replicas vs the one-device update on the same two batches."""
     import keras
     import numpy as np
 
     from clustr_tf import objectives
-    from clustr_tf import training
 
-    config = training.TrainConfig(epochs=1, steps_per_epoch=1)
-    one_model, one_sampler = _build(tf.distribute.get_strategy(), seed=5)
-    one = training.Trainer(one_model, keras.optimizers.SGD(0.5), one_sampler,
-                           tf.distribute.get_strategy(), os.path.join(model_dir, "one"), config)
-    one.objective.cluster_refresh(one).refresh()
+    one_model, one_sampler = _build(tf.distribute.get_strategy(), seed=5, optimizer=lambda: keras.optimizers.SGD(0.5))
+    refresh = one_model.objective.cluster_refresh(one_sampler)
+    refresh.set_model(one_model)
+    refresh.refresh()
     batches = list(one_sampler.dataset().take(2))
     weights = [w.numpy() for w in one_model.weights]
     with tf.GradientTape() as tape:
-        totals = [objectives.per_example_objective(one_model, x, t, config)[0] for x, t in batches]
+        totals = [objectives.per_example_objective(one_model, x, t, one_model.objective)[0] for x, t in batches]
         loss = tf.reduce_sum(tf.concat(totals, 0)) / tf.cast(sum(int(tf.size(t)) for t in totals), tf.float32)
     grads = tape.gradient(loss, one_model.trainable_variables)
     expected = [w.numpy() - 0.5 * g.numpy() for w, g in zip(one_model.trainable_variables, grads)]
 
-    two_model, two_sampler = _build(strategy, seed=5)
-    with strategy.scope():
-        optimizer = keras.optimizers.SGD(0.5)
-    two = training.Trainer(two_model, optimizer, two_sampler, strategy,
-                           os.path.join(model_dir, "two"), config)
+    two_model, _ = _build(strategy, seed=5, optimizer=lambda: keras.optimizers.SGD(0.5))
     two_model.set_weights(weights)
     per_replica = strategy.experimental_distribute_values_from_function(
         lambda ctx: batches[ctx.replica_id_in_sync_group])
-    strategy.run(tf.function(two._replica_step), args=per_replica)
+    strategy.run(tf.function(two_model.train_step), args=(per_replica,))
     return max(float(np.max(np.abs(v.numpy() - e))) for v, e in zip(two_model.trainable_variables, expected))
 
 
@@ -87,25 +83,17 @@ def main():
 
         strategy = distribute.get_strategy(args.strategy)
 
-    import keras
-
     from clustr_tf import data, training
 
     result = {"replicas": strategy.num_replicas_in_sync}
     if args.check_scaling:
-        result["scaling_max_abs_diff"] = check_scaling(strategy, args.model_dir)
+        result["scaling_max_abs_diff"] = check_scaling(strategy)
     model, sampler = _build(strategy, seed=0)
-    with strategy.scope():
-        optimizer = keras.optimizers.Adam(3e-3)
-    trainer = training.Trainer(
-        model, optimizer, sampler, strategy, os.path.join(args.model_dir, "run"),
-        training.TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps, checkpoint_every_steps=2),
-        test_dataset=data.load("digits", "test"),
-    )
-    history = trainer.train()
+    history, state = training.train(model, sampler, os.path.join(args.model_dir, "run"), args.epochs, args.steps,
+                                    test=data.load("digits", "test"), checkpoint_every_steps=2)
     result["magnet_loss"] = [h["magnet_loss"] for h in history]
     result["val_nearest_center_accuracy"] = [h["val_nearest_center_accuracy"] for h in history]
-    result["is_chief"] = trainer.is_chief
+    result["is_chief"] = state.is_chief
     result["variables"] = {}
     for v in model.weights:
         copies = getattr(v.value, "values", None) or (v.value,)

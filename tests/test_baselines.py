@@ -1,5 +1,5 @@
 """Tests of the baselines: the softmax classifier, its PGD training attack, its batches,
-its training by the Trainer and the binary, and its evaluation."""
+its training through `fit` and the binary, and its evaluation."""
 
 import json
 import os
@@ -17,6 +17,7 @@ from clustr_tf import backbones
 from clustr_tf import baselines
 from clustr_tf import data
 from clustr_tf import distribute
+from clustr_tf import objectives
 from clustr_tf import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,22 +93,19 @@ class BatchSourceTest(absltest.TestCase):
             baselines.BatchSource(self.images, self.labels, batch_size=11)
 
 
-class TrainerTest(absltest.TestCase):
+class TrainTest(absltest.TestCase):
     def _train(self, method, model_dir, epochs=3, budget=None, cpu_budget=None):
         images, labels = data.load_arrays("digits", "train")
+        objective = objectives.CrossEntropy() if method == "cross_entropy" else objectives.PGDAT(iterations=3)
         strategy = distribute.get_strategy("default")
         with strategy.scope():
             model = _model()
-            optimizer = keras.optimizers.Adam(3e-3)
-        source = baselines.BatchSource(images, labels, 128, seed=0)
-        trainer = training.Trainer(
-            model, optimizer, source, strategy, model_dir,
-            training.TrainConfig(epochs=epochs, steps_per_epoch=source.steps_per_epoch, method=method,
-                                 pgd_iterations=3, time_budget_seconds=budget,
-                                 cpu_budget_seconds=cpu_budget),
-            test_dataset=data.load("digits", "test"), verbose=0,
-        )
-        return trainer.train(), model
+            model.compile(optimizer=keras.optimizers.Adam(3e-3), objective=objective)
+        source = objective.batches(images, labels, 10, seed=0, batch_size=128)
+        history, _ = training.train(model, source, model_dir, epochs, source.steps_per_epoch,
+                                    test=data.load("digits", "test"), time_budget_seconds=budget,
+                                    cpu_budget_seconds=cpu_budget, verbose=0)
+        return history, model
 
     def test_cross_entropy_and_pgd_at_learn(self):
         for method in ("cross_entropy", "pgd_at"):
@@ -132,18 +130,14 @@ class TrainerTest(absltest.TestCase):
         history, _ = self._train("cross_entropy", _tempdir(self), epochs=50, cpu_budget=1e-3)
         self.assertLen(history, 1)  # likewise in CPU time
 
-    def test_method_and_model_must_match(self):
-        strategy = distribute.get_strategy("default")
-        source = baselines.BatchSource(np.zeros((4, 8, 8, 1), "float32"), np.arange(4), 2)
-        with self.assertRaisesRegex(TypeError, "SoftmaxClassifier"):
-            from clustr_tf import models
+    def test_objective_and_model_must_match(self):
+        from clustr_tf import models
 
-            model = models.ClusTRModel(backbones.small_convnet((8, 8, 1)), 10)
-            training.Trainer(model, keras.optimizers.Adam(), source, strategy, _tempdir(self),
-                             training.TrainConfig(epochs=1, steps_per_epoch=1, method="pgd_at"))
-        with self.assertRaisesRegex(ValueError, "method"):
-            training.Trainer(_model(), keras.optimizers.Adam(), source, strategy, _tempdir(self),
-                             training.TrainConfig(epochs=1, steps_per_epoch=1, method="trades"))
+        model = models.ClusTRModel(backbones.small_convnet((8, 8, 1)), 10)
+        with self.assertRaisesRegex(TypeError, "PGDAT trains a SoftmaxClassifier. Received: ClusTRModel"):
+            model.compile(optimizer=keras.optimizers.Adam(), objective=objectives.PGDAT())
+        with self.assertRaisesRegex(TypeError, "`objective` must be a clustr_tf.objectives.Objective"):
+            _model().compile(optimizer=keras.optimizers.Adam(), objective="trades")
 
 
 class BinaryTest(absltest.TestCase):

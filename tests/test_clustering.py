@@ -7,7 +7,7 @@ from absl import logging
 from absl.testing import absltest
 
 from clustr_tf import clustering
-from clustr_tf import losses
+from clustr_tf import objectives
 from clustr_tf import models
 from clustr_tf import sampler as sampler_lib
 
@@ -112,7 +112,8 @@ class ClusterRefreshTest(absltest.TestCase):
         sampler = sampler_lib.NeighbourhoodSampler(images, labels, num_classes=3, clusters_per_class=2, m=3, d=4)
         backbone = keras.Sequential([keras.Input((4, 1, 1)), keras.layers.Flatten(), keras.layers.Dense(4)])
         model = models.ClusTRModel(backbone, num_classes=3, clusters_per_class=2, neighbours=4)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses.MagnetLoss(2))
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      objective=objectives.ClusTR(clusters_per_class=2, neighbours=4, m=3, d=4))
         callback = clustering.ClusterRefresh(sampler, frequency=2)
         history = model.fit(sampler.dataset(), steps_per_epoch=2, epochs=4, callbacks=[callback], verbose=0)
         self.assertEqual(callback.refreshes, 1 + 2)  # before training, after epochs 2 and 4

@@ -441,7 +441,7 @@ class TrainingBinaryExportTest(absltest.TestCase):
 
         # 7: the run's .keras model loads with clustr_tf and trains further.
         from clustr_tf import data
-        from clustr_tf import losses
+        from clustr_tf import objectives
         from clustr_tf import sampler as sampler_lib
 
         model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
@@ -455,7 +455,7 @@ class TrainingBinaryExportTest(absltest.TestCase):
         np.testing.assert_allclose(served["feature_radius"].numpy(), radius_f.numpy(), rtol=1e-5, atol=1e-9)
         np.testing.assert_allclose(features, model.embed(images[:64]).numpy(), rtol=1e-5, atol=1e-5)
 
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses.MagnetLoss(clusters_per_class=2))
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), objective=objectives.ClusTR())
         train_x, train_y = data.load_arrays("digits", "train")
         batches = sampler_lib.NeighbourhoodSampler(train_x, train_y, num_classes=10, clusters_per_class=2,
                                                    m=12, d=20, seed=0)

@@ -17,6 +17,7 @@ import tensorflow as tf
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from clustr_tf import aol_layers
 from clustr_tf import backbones
 from clustr_tf import lipschitz
 from clustr_tf import lipschitz_layers
@@ -94,12 +95,12 @@ def _conv_gram_scale_numpy(kernel, eps=1e-6):
 class AOLLayerTest(parameterized.TestCase):
     def test_conv_scale_is_the_sum_over_shifts_of_the_gram_kernel(self):
         kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 5))
-        got = lipschitz_layers.aol_conv_scale(tf.constant(kernel, tf.float32)).numpy()
+        got = aol_layers.aol_conv_scale(tf.constant(kernel, tf.float32)).numpy()
         np.testing.assert_allclose(got, _conv_gram_scale_numpy(kernel), rtol=1e-5)
 
     def test_conv_layer_applies_the_rescaled_kernel(self):
         keras.utils.set_random_seed(0)
-        layer = lipschitz_layers.AOLConv2D(6, 3, bias_initializer="random_normal")
+        layer = aol_layers.AOLConv2D(6, 3, bias_initializer="random_normal")
         x = np.random.default_rng(1).normal(size=(2, 5, 7, 4)).astype("float32")
         y = layer(x)
         kernel = layer.kernel.numpy() * _conv_gram_scale_numpy(layer.kernel.numpy())[None, None, :, None]
@@ -112,11 +113,11 @@ class AOLLayerTest(parameterized.TestCase):
     def test_conv_norm_at_most_one(self, cin, cout, kernel_size):
         shape = (1, 6, 7, cin)
         keras.utils.set_random_seed(cin * 100 + cout)
-        random = lipschitz_layers.AOLConv2D(cout, kernel_size, kernel_initializer="glorot_normal")
+        random = aol_layers.AOLConv2D(cout, kernel_size, kernel_initializer="glorot_normal")
         random.build(shape)
         self.assertLessEqual(_jacobian_norms(random, np.zeros(shape))[0], 1 + TOL)
         # The delta-orthogonal default starts at norm 1: an isometry or a projection.
-        default = lipschitz_layers.AOLConv2D(cout, kernel_size)
+        default = aol_layers.AOLConv2D(cout, kernel_size)
         self.assertAlmostEqual(_jacobian_norms(default, np.zeros(shape))[0], 1.0, delta=1e-4)
         _maximize_norm(random, shape)
         trained = _jacobian_norms(random, np.zeros(shape), iterations=100)[0]
@@ -126,7 +127,7 @@ class AOLLayerTest(parameterized.TestCase):
     @parameterized.parameters((10, 4), (4, 10), (7, 7))
     def test_dense_norm_at_most_one(self, n_in, n_out):
         keras.utils.set_random_seed(n_in + n_out)
-        layer = lipschitz_layers.AOLDense(n_out, kernel_initializer="random_normal")
+        layer = aol_layers.AOLDense(n_out, kernel_initializer="random_normal")
         layer.build((None, n_in))
         self.assertLessEqual(np.linalg.norm(layer.rescaled_kernel().numpy(), 2), 1 + TOL)
         _maximize_norm(layer, (1, n_in))
@@ -137,7 +138,7 @@ class AOLLayerTest(parameterized.TestCase):
 
     def test_zero_kernel_is_finite(self):
         """epsilon: a zero kernel gives a zero map, not NaN."""
-        layer = lipschitz_layers.AOLConv2D(4, 3, kernel_initializer="zeros")
+        layer = aol_layers.AOLConv2D(4, 3, kernel_initializer="zeros")
         y = layer(np.ones((1, 4, 4, 2), "float32"))
         np.testing.assert_array_equal(y.numpy(), 0.0)
 
@@ -149,9 +150,9 @@ class AOLLayerTest(parameterized.TestCase):
     )
     def test_bad_arguments(self, kwargs, message):
         with self.assertRaisesRegex(ValueError, message):
-            lipschitz_layers.AOLConv2D(**kwargs)
+            aol_layers.AOLConv2D(**kwargs)
         with self.assertRaisesRegex(ValueError, "`units` must be"):
-            lipschitz_layers.AOLDense(0)
+            aol_layers.AOLDense(0)
 
 
 class NonlinearAndReshapeLayerTest(parameterized.TestCase):
@@ -209,14 +210,14 @@ class NonlinearAndReshapeLayerTest(parameterized.TestCase):
 def _small_model():
     inputs = keras.Input((8, 8, 2))
     x = keras.layers.Normalization(mean=[0.5, 0.4], variance=[1.0, 1.0])(inputs)
-    x = lipschitz_layers.AOLConv2D(6, 3, bias_initializer="random_normal")(x)
+    x = aol_layers.AOLConv2D(6, 3, bias_initializer="random_normal")(x)
     x = lipschitz_layers.MaxMin()(x)
     x = lipschitz_layers.SpaceToDepth(2)(x)
-    x = lipschitz_layers.AOLConv2D(4, 1, kernel_initializer="glorot_uniform")(x)
+    x = aol_layers.AOLConv2D(4, 1, kernel_initializer="glorot_uniform")(x)
     pooled = lipschitz_layers.ScaledGlobalAveragePooling2D()(x)
     x = keras.layers.Flatten()(x)
     x = keras.layers.Concatenate()([x, pooled])  # not by construction: model_bound only
-    outputs = lipschitz_layers.AOLDense(3, epsilon=1e-5)(x)
+    outputs = aol_layers.AOLDense(3, epsilon=1e-5)(x)
     return keras.Model(inputs, outputs)
 
 
@@ -229,7 +230,7 @@ class SerializationTest(absltest.TestCase):
         model.save(path)
         reloaded = keras.saving.load_model(path)
         np.testing.assert_array_equal(model(x).numpy(), reloaded(x).numpy())
-        self.assertIsInstance(reloaded.layers[2], lipschitz_layers.AOLConv2D)
+        self.assertIsInstance(reloaded.layers[2], aol_layers.AOLConv2D)
         self.assertEqual(reloaded.layers[-1].epsilon, 1e-5)
 
     def test_backbone_save_and_reload(self):
@@ -243,7 +244,7 @@ class SerializationTest(absltest.TestCase):
         self.assertAlmostEqual(lipschitz.construction_bound(reloaded), 1 / 0.4, places=5)
 
     def test_initializer_config(self):
-        init = lipschitz_layers.DeltaOrthogonal(seed=3)
+        init = aol_layers.DeltaOrthogonal(seed=3)
         again = keras.initializers.deserialize(keras.initializers.serialize(init))
         np.testing.assert_array_equal(init((3, 3, 2, 4)), again((3, 3, 2, 4)))
         self.assertEqual(float(tf.reduce_sum(tf.abs(init((3, 3, 2, 4))[0]))), 0.0)
@@ -355,7 +356,7 @@ class ConstructionBoundTest(parameterized.TestCase):
 
     def test_a_composed_but_not_constructed_model_is_rejected(self):
         inputs = keras.Input((4,))
-        outputs = keras.layers.Add(name="residual")([lipschitz_layers.AOLDense(4)(inputs), inputs])
+        outputs = keras.layers.Add(name="residual")([aol_layers.AOLDense(4)(inputs), inputs])
         model = keras.Model(inputs, outputs)
         self.assertEqual(lipschitz.model_bound(model), 2.0)  # the sum rule: a composed bound
         with self.assertRaisesRegex(lipschitz.NotLipschitzByConstructionError, "'residual' of type Add"):
@@ -364,7 +365,7 @@ class ConstructionBoundTest(parameterized.TestCase):
             lipschitz.construction_bound(_small_model())
 
     def test_subclass_is_not_trusted(self):
-        class Scaled(lipschitz_layers.AOLDense):
+        class Scaled(aol_layers.AOLDense):
             def call(self, inputs):
                 return 3.0 * super().call(inputs)
 
@@ -378,7 +379,7 @@ class ConstructionBoundTest(parameterized.TestCase):
         class Wrapper(keras.Model):
             def __init__(self):
                 super().__init__()
-                self.dense = lipschitz_layers.AOLDense(2)
+                self.dense = aol_layers.AOLDense(2)
 
             def call(self, inputs):
                 return 5.0 * self.dense(inputs)
@@ -392,12 +393,12 @@ class ConstructionBoundTest(parameterized.TestCase):
         """std (2, 3): dividing scales by at most 1/2, multiplying (invert) by at most 3."""
         for invert, expected in ((False, 0.5), (True, 3.0)):
             layer = keras.layers.Normalization(mean=[0.0, 1.0], variance=[4.0, 9.0], invert=invert)
-            model = keras.Sequential([keras.Input((2,)), layer, lipschitz_layers.AOLDense(2)])
+            model = keras.Sequential([keras.Input((2,)), layer, aol_layers.AOLDense(2)])
             self.assertAlmostEqual(lipschitz.construction_bound(model), expected, places=6)
 
     def test_nested_model(self):
         inner = backbones.lipschitz_convnet((8, 8, 1), width=4, feature_dim=4)
-        outer = keras.Sequential([keras.Input((8, 8, 1)), inner, lipschitz_layers.AOLDense(2)])
+        outer = keras.Sequential([keras.Input((8, 8, 1)), inner, aol_layers.AOLDense(2)])
         self.assertEqual(lipschitz.construction_bound(outer), 1.0)
         outer = keras.Sequential([keras.Input((8, 8, 1)), inner, keras.layers.Dense(2)])
         with self.assertRaisesRegex(lipschitz.NotLipschitzByConstructionError, "type Dense"):

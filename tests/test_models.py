@@ -13,9 +13,11 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
+from clustr_tf import baselines
 from clustr_tf import clustering
 from clustr_tf import losses
 from clustr_tf import models
+from clustr_tf import objectives
 from clustr_tf import sampler as sampler_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +50,8 @@ def _backbone():
 def _compiled_model(k=2, lr=1e-2):
     keras.utils.set_random_seed(0)
     model = models.ClusTRModel(_backbone(), num_classes=3, clusters_per_class=k, neighbours=4)
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=losses.MagnetLoss(k), metrics=["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(lr), metrics=["accuracy"],
+                  objective=objectives.ClusTR(clusters_per_class=k, neighbours=4, m=3, d=4))
     return model
 
 
@@ -91,12 +94,12 @@ class TrainStepTest(absltest.TestCase):
         self.assertIn("accuracy", logs)
 
     def test_wrong_loss_is_a_clear_error(self):
-        images, labels = _data()
         model = models.ClusTRModel(_backbone(), num_classes=3, clusters_per_class=2, neighbours=4)
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-        sampler = sampler_lib.NeighbourhoodSampler(images, labels, 3, 2, m=3, d=4)
-        with self.assertRaisesRegex(TypeError, "MagnetLoss"):
-            model.fit(sampler.dataset(), steps_per_epoch=1, epochs=1, verbose=0)
+        with self.assertRaisesRegex(TypeError, r"ClusTRModel.compile takes an `objective` .* instead of a loss. "
+                                               r"Received: objective=NoneType, loss='sparse_categorical_crossentropy'"):
+            model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        with self.assertRaisesRegex(TypeError, "ClusTR trains a ClusTRModel. Received: SoftmaxClassifier"):
+            baselines.SoftmaxClassifier(_backbone(), 3).compile(optimizer="adam", objective=objectives.ClusTR())
 
     def test_training_targets_need_clusters(self):
         images, labels = _data()
@@ -183,10 +186,14 @@ class SaveReloadTest(absltest.TestCase):
         np.testing.assert_allclose(np.load(path + ".out.npy"), model.predict(images[:5], verbose=0), atol=1e-5)
 
 
-def _run_readme_block(test, index):
-    """Runs the `index`-th ```python block of README.md in a fresh folder; its namespace."""
+def _run_readme_block(test, index, replace=None):
+    """Runs the `index`-th ```python block of README.md in a fresh folder; its namespace.
+    `replace`: {line start: new line} for lines of the block."""
     with open(os.path.join(ROOT, "README.md")) as fh:
         code = re.findall(r"```python\n(.*?)```", fh.read(), re.S)[index]
+    for start, line in (replace or {}).items():
+        (old,) = [l for l in code.splitlines() if l.startswith(start)]
+        code = code.replace(old, line)
     cwd = os.getcwd()
     os.chdir(_tempdir(test))
     try:
@@ -198,11 +205,18 @@ def _run_readme_block(test, index):
 
 
 class ReadmeExampleTest(absltest.TestCase):
-    def test_readme_fit_example_runs(self):
-        """The first ```python block of README.md (the model.fit example)."""
-        namespace = _run_readme_block(self, 0)
-        self.assertIn("history", namespace)
-        self.assertTrue(np.all(np.isfinite(namespace["history"].history["loss"])))
+    def test_readme_fit_example_trains_every_objective(self):
+        """The first ```python block of README.md (the model.fit example), as printed
+        (ClusTR+QTRADES), then with each other objective in its `objective = ...` line."""
+        for objective in (None, "objectives.ClusTR()", "objectives.CrossEntropy()",
+                          "objectives.PGDAT(iterations=3)"):
+            replace = {"objective = ": f"objective = {objective}"} if objective else None
+            keras.utils.set_random_seed(0)
+            namespace = _run_readme_block(self, 0, replace)
+            history = namespace["history"].history
+            self.assertTrue(np.all(np.isfinite(history["loss"])), objective)
+            self.assertGreater(history["val_accuracy"][-1], 0.2, objective)  # 10 steps; chance is 0.1
+            self.assertIsInstance(namespace["model"], namespace["objective"].model_class)
 
     def test_readme_run_example_runs(self):
         """The second ```python block of README.md (a whole run from a RunConfig)."""

@@ -17,6 +17,7 @@ from absl.testing import parameterized
 
 from clustr_tf import backbones
 from clustr_tf import config as config_lib
+from clustr_tf import consistency
 from clustr_tf import data
 from clustr_tf import objectives
 from clustr_tf import precision
@@ -60,10 +61,9 @@ def _model_and_batch(name, seed=0):
     model = objective.build_model(backbones.small_convnet((8, 8, 1), width=16, embedding_dim=16), 10)
     source = objective.batches(images, labels, 10, seed=seed, batch_size=32)
     if name.startswith("clustr"):
-        trainer = training.Trainer(model, keras.optimizers.Adam(1e-3), source, tf.distribute.get_strategy(),
-                                   tempfile.mkdtemp(), training.TrainConfig(epochs=1, steps_per_epoch=1),
-                                   objective=objective)
-        objective.cluster_refresh(trainer).refresh()
+        refresh = objective.cluster_refresh(source)
+        refresh.set_model(model)
+        refresh.refresh()
     batch = next(iter(source.dataset()))
     return objective, model, batch
 
@@ -109,7 +109,7 @@ class PrecisionTest(parameterized.TestCase):
         objective, model, (images, targets) = _model_and_batch("clustr_qtrades")
         precision.set_precision(model, "bfloat16")
         clean = model(images, training=False)
-        adv = objectives.consistency_perturbation(model, images, clean, "official", 8 / 255, 10 / 255,
+        adv = consistency.perturbation(model, images, clean, "official", 8 / 255, 10 / 255,
                                                   tf.constant([0, 1], tf.int64))
         self.assertEqual(adv.dtype, tf.float32)
         self.assertLessEqual(float(tf.reduce_max(tf.abs(adv - images))), 8 / 255 + 1e-6)
@@ -154,7 +154,7 @@ class ConfigTest(absltest.TestCase):
     def test_optimizer_scales_the_loss_for_float16_only(self):
         for mixed, scaled in ((None, False), ("float16", True), ("bfloat16", False)):
             config = config_lib.RunConfig(runtime=config_lib.Runtime(model_dir=_tempdir(self), mixed_precision=mixed))
-            optimizer = training._optimizer(config, steps=10)
+            optimizer = training.optimizer_of(config, steps=10)
             self.assertEqual(isinstance(optimizer, keras.optimizers.LossScaleOptimizer), scaled, mixed)
 
     def test_binary_flag(self):

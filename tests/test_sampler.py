@@ -1,4 +1,4 @@
-"""Tests for `clustr_tf.sampler`: neighbourhood batches, impostors, seed distribution."""
+"""Tests for `clustr_tf.sampler` and `clustr_tf.sampling`: neighbourhood batches, impostors, seeds."""
 
 import re
 
@@ -9,6 +9,7 @@ from absl.testing import parameterized
 from scipy import stats
 
 from clustr_tf import sampler
+from clustr_tf import sampling
 
 NUM_CLASSES = 4
 K = 2
@@ -362,47 +363,47 @@ class NeighbourhoodSamplerTest(parameterized.TestCase):
 
 
 class PureSamplingFunctionsTest(absltest.TestCase):
-    """The sampler's state-free pieces, each on its own."""
+    """The state-free functions of `clustr_tf.sampling`, each on its own."""
 
     def test_member_lists_and_cluster_means(self):
         assignments = np.array([2, 0, 2, 1, 0, 2])
-        members, offsets = sampler.member_lists(assignments, 4)
+        members, offsets = sampling.member_lists(assignments, 4)
         np.testing.assert_array_equal(members, [1, 4, 3, 0, 2, 5])
         np.testing.assert_array_equal(offsets, [0, 2, 3, 6, 6])
-        means = sampler.cluster_means(tf.constant([1.0, 2.0, 3.0, 4.0, 6.0, 8.0]), tf.constant(assignments), 4)
+        means = sampling.cluster_means(tf.constant([1.0, 2.0, 3.0, 4.0, 6.0, 8.0]), tf.constant(assignments), 4)
         np.testing.assert_allclose(means.numpy(), [4.0, 4.0, 4.0, 0.0])
 
     def test_seed_probabilities(self):
-        p = sampler.seed_probabilities(tf.constant([1.0, 3.0, -2.0, 5.0]), tf.constant([2, 2, 2, 0]))
+        p = sampling.seed_probabilities(tf.constant([1.0, 3.0, -2.0, 5.0]), tf.constant([2, 2, 2, 0]))
         np.testing.assert_allclose(p.numpy(), [0.25, 0.75, 0.0, 0.0])  # negative clipped, empty 0
-        p = sampler.seed_probabilities(tf.zeros([3]), tf.constant([1, 0, 4]))
+        p = sampling.seed_probabilities(tf.zeros([3]), tf.constant([1, 0, 4]))
         np.testing.assert_allclose(p.numpy(), [0.5, 0.0, 0.5])  # all zero: uniform over non-empty
 
     def test_draw_neighbourhood(self):
         # 3 clusters: 0 = {0, 1, 2}, 1 = {3, 4}, 2 = {5}; cluster 1 always seeds.
-        members, offsets = sampler.member_lists(np.array([0, 0, 0, 1, 1, 2]), 3)
+        members, offsets = sampling.member_lists(np.array([0, 0, 0, 1, 1, 2]), 3)
         impostors = tf.constant([[1, 2], [2, 0], [0, 1]], tf.int32)
         probabilities = tf.constant([0.0, 1.0, 0.0])
-        indices, clusters = sampler.draw_neighbourhood(tf.constant([3, 4]), probabilities, impostors,
-                                                       tf.constant(members), tf.constant(offsets), 3, 2)
+        indices, clusters = sampling.draw_neighbourhood(tf.constant([3, 4]), probabilities, impostors,
+                                                        tf.constant(members), tf.constant(offsets), 3, 2)
         np.testing.assert_array_equal(clusters.numpy(), [1, 1, 2, 0, 0])  # seed first; d = 2 at most
         self.assertEqual(sorted(indices.numpy()[:2]), [3, 4])
         self.assertEqual(indices.numpy()[2], 5)
         self.assertTrue(set(indices.numpy()[3:]) <= {0, 1, 2})
-        again, _ = sampler.draw_neighbourhood(tf.constant([3, 4]), probabilities, impostors,
-                                              tf.constant(members), tf.constant(offsets), 3, 2)
+        again, _ = sampling.draw_neighbourhood(tf.constant([3, 4]), probabilities, impostors,
+                                               tf.constant(members), tf.constant(offsets), 3, 2)
         np.testing.assert_array_equal(again.numpy(), indices.numpy())
 
     def test_checks_name_what_is_wrong(self):
         images = np.zeros((4, 2, 2, 1), np.float32)
         with self.assertRaisesRegex(ValueError, "`labels` must be in \\[0, 2\\). Received: 5 at index 3"):
-            sampler.check_training_set(images, np.array([0, 1, 0, 5]), 2, 1)
-        checked, labels = sampler.check_training_set(images, np.array([0, 1, 0, 1]), 2, 2)
+            sampling.check_training_set(images, np.array([0, 1, 0, 5]), 2, 1)
+        checked, labels = sampling.check_training_set(images, np.array([0, 1, 0, 1]), 2, 2)
         self.assertEqual((checked.dtype, labels.dtype), (np.float32, np.int64))
         with self.assertRaisesRegex(ValueError, "example 1 of class 1 in cluster 0"):
-            sampler.check_assignments(np.array([0, 0, 1, 1]), np.zeros((4, 3)), np.array([0, 1, 0, 1]), 2, 4)
+            sampling.check_assignments(np.array([0, 0, 1, 1]), np.zeros((4, 3)), np.array([0, 1, 0, 1]), 2, 4)
         with self.assertRaisesRegex(ValueError, "`centers` must have shape \\[4, D\\]"):
-            sampler.check_assignments(np.array([0, 2, 1, 3]), np.zeros((3, 3)), np.array([0, 1, 0, 1]), 2, 4)
+            sampling.check_assignments(np.array([0, 2, 1, 3]), np.zeros((3, 3)), np.array([0, 1, 0, 1]), 2, 4)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ The package is laid out by concept, one module each:
     base          dataset names, class names, splits, `DatasetInfo`, the errors, `Source`
     registry      one `Source` per dataset name; `info`, `class_names`, `load`, ...
     digits        the embedded digits
-    folders       image folders and archives
+    listing       where an image folder is and what it holds (local folders, streamed archives)
+    folders       the image-folder dataset: a split read, decoded and checked; its classes and stats
     releases      the original CIFAR and SVHN release files
     tfds_sources  CIFAR and SVHN: releases, folders, else tensorflow-datasets (`Mirror`)
     augment       the training-time crop and flip

@@ -1,250 +1,25 @@
-"""Image folders: a local folder or a `.tar`/`.tar.gz`/`.tgz` archive laid out as
-`<split>/<class>/<image>` (e.g. `train/airplane/0001.jpg`), optionally under one top-level
-folder (`cifar10-jpeg/train/airplane/0001.jpg`). Images are JPEG, PNG, GIF or BMP files
-that all have the same size; hidden entries (names starting with ".") and `__MACOSX`
-folders are skipped. Archives are streamed, never extracted.
+"""The image-folder dataset: one split of an image folder read into arrays (every image
+decoded and checked: JPEG, PNG, GIF or BMP, all of one size), its classes and statistics,
+and the `base.Source` of dataset `image_folder`.
 
 `image_folder` is a user's own images (classes: the sorted class folders of the train
 split; mean/std computed exactly from its pixels); a fixed dataset (CIFAR, SVHN) may be an
-image folder too, its class folders named as in `base.CLASS_NAMES`.
+image folder too, its class folders named as in `base.CLASS_NAMES` (`read`). Where the
+folder is and what it holds is `listing`'s: a local folder or a streamed archive laid out
+as `<split>/<class>/<image>`.
 """
 
-import dataclasses
 import difflib
 import os
 import re
-import tarfile
-import zlib
 
 import numpy as np
 import tensorflow as tf
 
 from clustr_tf.data import base
+from clustr_tf.data import listing as listing_lib
 
-_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz")
 _DECODE_BATCH = 1024
-
-
-@dataclasses.dataclass
-class _Listing:
-    """The contents of an image folder, as far as they were read.
-
-    Attributes:
-        where: how messages name the folder or archive.
-        splits: split -> class -> file name -> source: a file path (folder),
-            the file's bytes (archive, the split that was read) or None
-            (archive, other splits).
-        display: `(split, class, file name or None) -> str` naming an entry.
-        first_train: `(class, file name, source)` of the first training image
-            in (class, file name) order, or None.
-    """
-
-    where: str
-    splits: dict
-    display: object
-    first_train: object = None
-
-
-def _some(names, limit=12):
-    """Joins names for a message, at most `limit` of them."""
-    names = list(names)
-    if not names:
-        return "none"
-    shown = ", ".join(str(n) for n in names[:limit])
-    if len(names) > limit:
-        shown += f", ... ({len(names) - limit} more)"
-    return shown
-
-
-def _hidden(name):
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _has_split_folder(path):
-    return any(os.path.isdir(os.path.join(path, s)) for s in base.SPLITS)
-
-
-def locate(data_dir):
-    """Finds an image folder at `data_dir`.
-
-    Returns:
-        `("archive", path)`, `("folder", root)` with `root` the folder that
-        holds the split folders, or None when `data_dir` is not an image
-        folder (e.g. a TFDS data_dir).
-
-    Raises:
-        base.DatasetNotFoundError: if `data_dir` names an archive that is missing.
-        ValueError: if `data_dir` is a file but not an archive.
-    """
-    if data_dir is None:
-        return None
-    try:
-        path = os.fspath(data_dir)
-    except TypeError:
-        raise ValueError(
-            f"`data_dir` must be a path. Received: {data_dir!r}"
-        ) from None
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    if os.path.isdir(path):
-        if _has_split_folder(path):
-            return ("folder", path)
-        subfolders = [
-            e.path
-            for e in os.scandir(path)
-            if e.is_dir() and not _hidden(e.name)
-        ]
-        if len(subfolders) == 1 and _has_split_folder(subfolders[0]):
-            return ("folder", subfolders[0])
-        return None
-    if path.lower().endswith(_ARCHIVE_SUFFIXES):
-        if not os.path.isfile(path):
-            raise base.DatasetNotFoundError(
-                f"The archive {path} could not be found: no such file. Pass "
-                "--data_dir=PATH (data_dir=PATH in Python) naming an existing "
-                "folder or .tar/.tar.gz/.tgz archive in split/class/image "
-                "layout."
-            )
-        return ("archive", path)
-    if os.path.exists(path):
-        raise ValueError(
-            f"`data_dir` {path} is a file, but not a .tar, .tar.gz or .tgz "
-            "archive. Expected a folder or an archive laid out as "
-            "<split>/<class>/<image>."
-        )
-    return None
-
-
-def _layout_error(where, what):
-    return ValueError(
-        f"{what} in {where}: expected the layout <split>/<class>/<image> "
-        "(e.g. train/airplane/0001.jpg), optionally under one top-level folder."
-    )
-
-
-def _list_folder(root, needed_splits):
-    """Lists the splits of a local image folder (nothing is read)."""
-
-    def display(split, cls=None, fname=None):
-        return os.path.join(root, *[p for p in (split, cls, fname) if p])
-
-    splits = {}
-    for split in base.SPLITS:
-        split_dir = os.path.join(root, split)
-        if not os.path.isdir(split_dir):
-            continue
-        splits[split] = {}
-        if split not in needed_splits:
-            continue
-        for entry in os.scandir(split_dir):
-            if _hidden(entry.name):
-                continue
-            if not entry.is_dir():
-                raise _layout_error(
-                    root, f"{entry.path} is a file directly in a split folder"
-                )
-            files = {}
-            for item in os.scandir(entry.path):
-                if _hidden(item.name):
-                    continue
-                if item.is_dir():
-                    raise _layout_error(
-                        root, f"{item.path} is a folder inside a class folder"
-                    )
-                files[item.name] = item.path
-            splits[split][entry.name] = files
-    listing = _Listing(where=root, splits=splits, display=display)
-    train = splits.get("train", {})
-    keys = [(c, f) for c, files in train.items() for f in files]
-    if keys:
-        cls, fname = min(keys)
-        listing.first_train = (cls, fname, train[cls][fname])
-    return listing
-
-
-def _list_archive(path, read_split):
-    """Streams an archive once; keeps the bytes of `read_split`'s images."""
-    splits = {}
-    roots = set()  # Top-level folders that hold split folders ("" = none).
-    first_train = None
-
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                parts = [
-                    p for p in member.name.split("/") if p not in ("", ".")
-                ]
-                if not parts or any(_hidden(p) for p in parts):
-                    continue
-                if parts[0] in base.SPLITS:
-                    roots.add("")
-                    rel = parts
-                elif len(parts) > 1 and parts[1] in base.SPLITS:
-                    roots.add(parts[0])
-                    rel = parts[1:]
-                else:
-                    continue  # Outside the split folders (README, "extra").
-                split = rel[0]
-                classes = splits.setdefault(split, {})
-                if member.isdir():
-                    if len(rel) == 2:
-                        classes.setdefault(rel[1], {})
-                    continue
-                if len(rel) != 3:
-                    what = (
-                        "is a file directly in a split folder"
-                        if len(rel) == 2
-                        else "is nested inside a class folder"
-                    )
-                    raise _layout_error(path, f"Member {member.name} {what}")
-                if not member.isfile():
-                    raise ValueError(
-                        f"Member {member.name} of {path} is a link or special "
-                        "file; archives must hold the images as regular files."
-                    )
-                cls, fname = rel[1], rel[2]
-                source = None
-                if split == read_split:
-                    source = tar.extractfile(member).read()
-                if split == "train" and (
-                    first_train is None or (cls, fname) < first_train[:2]
-                ):
-                    if source is None:
-                        source = tar.extractfile(member).read()
-                    first_train = (cls, fname, source)
-                    if split != read_split:
-                        source = None
-                classes.setdefault(cls, {})[fname] = source
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise base.CorruptDatasetError(
-            f"Could not read the archive {path} ({type(e).__name__}: {e}). "
-            "Expected a .tar, .tar.gz or .tgz archive."
-        ) from e
-    if len(roots) > 1:
-        raise _layout_error(
-            path,
-            "Split folders under several top-level folders ("
-            + ", ".join(
-                repr(r) if r else "the archive's top" for r in sorted(roots)
-            )
-            + ")",
-        )
-    root = next(iter(roots)) if roots else ""
-
-    def display(split, cls=None, fname=None):
-        inner = "/".join(p for p in (root, split, cls, fname) if p)
-        return f"{path} (member {inner})"
-
-    return _Listing(
-        where=path, splits=splits, display=display, first_train=first_train
-    )
-
-
-def _list_image_folder(location, split, need_train):
-    kind, path = location
-    if kind == "archive":
-        return _list_archive(path, split)
-    return _list_folder(path, {split, "train"} if need_train else {split})
 
 
 def _decode_one(source, from_file):
@@ -341,7 +116,7 @@ def _image_folder_classes(listing, name):
         raise ValueError(
             f"The image folder {listing.where} has no 'train' split folder, "
             f"which defines the classes of dataset '{name}'. Found split "
-            f"folders: {_some(sorted(listing.splits))}."
+            f"folders: {listing_lib.some_names(sorted(listing.splits))}."
         )
     classes = tuple(sorted(train))
     if not classes:
@@ -385,14 +160,14 @@ def read(name, location, split, class_names, image_shape):
         `[N, H, W, C]`, int64 `[N]`, a tuple of str, a tuple of 3 ints.
     """
     from_file = location[0] == "folder"
-    listing = _list_image_folder(
+    listing = listing_lib.list_image_folder(
         location, split, need_train=class_names is None or image_shape is None
     )
     if split not in listing.splits:
         raise ValueError(
             f"The image folder {listing.where} has no '{split}' split folder "
             f"for dataset '{name}'. Found split folders: "
-            f"{_some(sorted(listing.splits))}."
+            f"{listing_lib.some_names(sorted(listing.splits))}."
         )
     if class_names is None:
         class_names = _image_folder_classes(listing, name)
@@ -404,13 +179,13 @@ def read(name, location, split, class_names, image_shape):
     if unknown:
         close = difflib.get_close_matches(unknown[0], class_names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        expected = _some(class_names, limit=20)
+        expected = listing_lib.some_names(class_names, limit=20)
         if len(class_names) > 20 and name in base.CLASS_NAMES:
             expected += f" (all in clustr_tf.data.CLASS_NAMES['{name}'])"
         raise ValueError(
             f"Unknown class folder {listing.display(split, unknown[0])} for "
             f"dataset '{name}': {unknown[0]!r} is not a class name.{hint} "
-            f"Found class folders: {_some(sorted(classes))}. Expected names "
+            f"Found class folders: {listing_lib.some_names(sorted(classes))}. Expected names "
             f"among: {expected}."
         )
     entries = sorted(
@@ -453,7 +228,7 @@ def _require_image_folder(data_dir):
             "or .tar/.tar.gz/.tgz archive laid out as <split>/<class>/<image>."
             " Received: data_dir=None"
         )
-    location = locate(data_dir)
+    location = listing_lib.locate(data_dir)
     if location is None:
         path = os.fspath(data_dir)
         if not os.path.exists(path):
@@ -463,11 +238,11 @@ def _require_image_folder(data_dir):
                 "a folder or .tar/.tar.gz/.tgz archive in split/class/image "
                 "layout."
             )
-        found = sorted(e for e in os.listdir(path) if not _hidden(e))
-        raise _layout_error(
+        found = sorted(e for e in os.listdir(path) if not listing_lib.is_hidden(e))
+        raise listing_lib.layout_error(
             path,
             "No 'train' or 'test' split folder (directly or under one "
-            f"sub-folder); found: {_some(found)}",
+            f"sub-folder); found: {listing_lib.some_names(found)}",
         )
     return location
 
@@ -498,12 +273,8 @@ def folder_info(data_dir):
 
 def folder_class_names(data_dir):
     location = _require_image_folder(data_dir)
-    listing = _list_image_folder(location, None, need_train=True)
+    listing = listing_lib.list_image_folder(location, None, need_train=True)
     return _image_folder_classes(listing, base.IMAGE_FOLDER)
-
-
-# --------------------------------------------------------------------------
-# tensorflow-datasets (or an image folder with the canonical class names).
 
 
 SOURCE = base.Source(

@@ -1,5 +1,5 @@
 """`cifar10`, `cifar100` and `svhn` (TFDS's `svhn_cropped`): an original release or an
-image folder at `data_dir` is read from disk (`releases`, `folders`); otherwise
+image folder at `data_dir` is read from disk (`releases`; `listing`, `folders`); otherwise
 tensorflow-datasets loads the prepared dataset from `data_dir`, downloading and preparing
 it when it is missing, from the publishers' sites or from a `Mirror`. When the data is
 neither there nor downloadable a `DatasetNotFoundError` says so, in one line, and how to
@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from clustr_tf.data import base
 from clustr_tf.data import folders
+from clustr_tf.data import listing
 from clustr_tf.data import releases
 
 
@@ -187,7 +188,7 @@ def _make_tfds_loaders(name, tfds_name, image_shape):
         release = releases.find(name, data_dir)
         if release is not None:
             return releases.read(release, split)
-        location = folders.locate(data_dir)
+        location = listing.locate(data_dir)
         if location is not None:
             images, labels, _, _ = folders.read(
                 name, location, split, base.CLASS_NAMES[name], image_shape

@@ -1,0 +1,93 @@
+"""The training state that a run saves and resumes: model, optimizer, position and clocks."""
+
+import os
+
+import tensorflow as tf
+from absl import logging
+
+from clustr_tf import distribute
+
+STATE_DIR = "checkpoints"
+
+
+class RestoreError(RuntimeError):
+    """The run directory holds a training state that cannot be restored (corrupt, or of
+    another configuration)."""
+
+
+class TrainingState:
+    """Everything a resumed run needs, saved by a `tf.train.CheckpointManager`.
+
+    The model (its optimizer included: compile it first), the epoch reached, the training
+    wall and CPU seconds summed over restarts, and the batch source's state (ClusTR's
+    cluster assignments and recorded losses). The position inside an epoch is the
+    optimizer's step count, so a state saved mid-epoch resumes there.
+
+    The chief saves into `model_dir/checkpoints`; other workers of a multi-worker run
+    into `model_dir/workers/worker_<i>/checkpoints` (no two writers collide), and every
+    worker restores from the chief's folder (a shared file system).
+
+    Args:
+        model: a compiled `models.Classifier`, built under `strategy`.
+        batches: the batch source (a `clustr_tf.interfaces.Batches`).
+        model_dir: the run directory.
+        strategy: the `tf.distribute.Strategy` the model was built under; default: the
+            current one.
+    """
+
+    def __init__(self, model, batches, model_dir, strategy=None):
+        strategy = strategy or tf.distribute.get_strategy()
+        self.model = model
+        self.is_chief, self.worker_index, self.num_workers = distribute.worker_info(strategy)
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            self.elapsed = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="elapsed")
+            self.elapsed_cpu = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="elapsed_cpu")
+        self.checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=model.optimizer, epoch=self.epoch, elapsed=self.elapsed,
+            elapsed_cpu=self.elapsed_cpu, sampler=tf.train.Checkpoint(**batches.state_variables()))
+        chief_dir = os.path.join(model_dir, STATE_DIR)
+        own_dir = chief_dir if self.is_chief else os.path.join(
+            model_dir, "workers", f"worker_{self.worker_index}", STATE_DIR)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, own_dir, max_to_keep=2)
+        self.restore_manager = tf.train.CheckpointManager(self.checkpoint, chief_dir, max_to_keep=2)
+        self.restored = False
+
+    @property
+    def iterations(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def position(self, steps_per_epoch):
+        """`(epoch, step)`: the epoch to run and the steps of it already done."""
+        epoch = int(self.epoch.numpy())
+        return epoch, max(self.iterations - epoch * steps_per_epoch, 0)
+
+    def restore(self):
+        """Restores the latest saved state, if any; returns True when it did.
+
+        Raises:
+            RestoreError: the checkpoint is corrupt or of another configuration.
+        """
+        path = self.restore_manager.latest_checkpoint
+        if not path:
+            return False
+        try:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        except (tf.errors.OpError, AssertionError, ValueError) as e:
+            raise RestoreError(
+                f"Cannot restore the training state from {path}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}. The checkpoint is corrupt or "
+                "belongs to another configuration; move it away or use another --model_dir."
+            ) from None
+        logging.info("Restored %s: epoch %d, step %d", path, int(self.epoch.numpy()), self.iterations)
+        self.restored = True
+        return True
+
+    def save(self):
+        self.manager.save(checkpoint_number=self.iterations)
+
+    def budget_spent(self, wall_seconds=None, cpu_seconds=None):
+        """Whether the summed training wall or CPU seconds reached a budget (None: none)."""
+        return ((wall_seconds is not None and float(self.elapsed.numpy()) >= wall_seconds)
+                or (cpu_seconds is not None and float(self.elapsed_cpu.numpy()) >= cpu_seconds))
