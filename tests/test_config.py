@@ -92,7 +92,7 @@ def test_paths_are_checked_before_anything_is_written(tmp_path):
                           (c.Runtime(model_dir=f"{tmp_path}/r", init_checkpoint=f"{tmp_path}/none"),
                            "`init_checkpoint` does not exist"),
                           (c.Runtime(model_dir=f"{tmp_path}/r", export_dir=str(blocker)),
-                           "export_dir exists and is not")):
+                           "`export_dir` exists and is not a directory")):
         with pytest.raises(c.ConfigError, match=text):
             c.RunConfig(runtime=runtime).check_paths()
     assert blocker.read_text() == "keep"
