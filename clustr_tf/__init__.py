@@ -28,32 +28,41 @@ Importing the package registers every serializable object, so `.keras` files loa
 `keras.saving.load_model` after `import clustr_tf`.
 """
 
-from clustr_tf import aol_layers
-from clustr_tf import attacks
-from clustr_tf import backbones
-from clustr_tf import certify
-from clustr_tf import clustering
+# The library by concept (each subpackage's docstring says what it holds):
 from clustr_tf import config
-from clustr_tf import consistency
+from clustr_tf import core
 from clustr_tf import data
-from clustr_tf import distribute
-from clustr_tf import interfaces
-from clustr_tf import layers
-from clustr_tf import lipschitz
-from clustr_tf import lipschitz_layers
-from clustr_tf import losses
-from clustr_tf import models
-from clustr_tf import objectives
-from clustr_tf import precision
-from clustr_tf import sampler
-from clustr_tf import sampling
+from clustr_tf import nets
+from clustr_tf import robustness
 from clustr_tf import serving
 from clustr_tf import training
-from clustr_tf.clustering import ClusterRefresh
-from clustr_tf.layers import ClusterCenters
-from clustr_tf.losses import MagnetLoss
-from clustr_tf.losses import magnet_loss
-from clustr_tf.models import ClusTRModel
-from clustr_tf.sampler import NeighbourhoodSampler
+
+# Their modules under the names users write (`from clustr_tf import models, objectives`):
+from clustr_tf.core import baselines
+from clustr_tf.core import certify
+from clustr_tf.core import clustering
+from clustr_tf.core import interfaces
+from clustr_tf.core import layers
+from clustr_tf.core import losses
+from clustr_tf.core import models
+from clustr_tf.core import sampler
+from clustr_tf.core import sampling
+from clustr_tf.nets import aol_layers
+from clustr_tf.nets import backbones
+from clustr_tf.nets import lipschitz
+from clustr_tf.nets import lipschitz_layers
+from clustr_tf.nets import precision
+from clustr_tf.robustness import attacks
+from clustr_tf.robustness import evaluation
+from clustr_tf.training import consistency
+from clustr_tf.training import distribute
+from clustr_tf.training import objectives
+
+from clustr_tf.core.clustering import ClusterRefresh
+from clustr_tf.core.layers import ClusterCenters
+from clustr_tf.core.losses import MagnetLoss
+from clustr_tf.core.losses import magnet_loss
+from clustr_tf.core.models import ClusTRModel
+from clustr_tf.core.sampler import NeighbourhoodSampler
 
 __version__ = "0.1.0"

@@ -104,7 +104,8 @@ class PipInstallTest(absltest.TestCase):
             self.assertTrue(os.path.isfile(os.path.join(self.site, "clustr_tf_cli", module)), module)
 
     def test_library_imports_from_the_install(self):
-        script = ("import clustr_tf, clustr_tf.evaluation\n"
+        script = ("import clustr_tf, clustr_tf.core, clustr_tf.nets, clustr_tf.robustness.evaluation, clustr_tf.serving, "
+                  "clustr_tf.training, clustr_tf.data\n"
                   "from clustr_tf_cli.export import client, export_model\n"
                   "print(clustr_tf.__file__); print(export_model.__file__)\n"
                   "print(clustr_tf.ClusTRModel.__name__, clustr_tf.MagnetLoss.__name__)\n")
@@ -284,7 +285,9 @@ class BazelBuildFilesTest(absltest.TestCase):
     def test_every_test_file_has_a_pytest_target(self):
         tests = {src for target in self.targets.values() if target["rule"] == "pytest_test"
                  for src in target["srcs"]}
-        files = {f"tests/{n}" for n in os.listdir(os.path.join(ROOT, "tests")) if re.fullmatch(r"test_.*\.py", n)}
+        files = {os.path.relpath(os.path.join(folder, n), ROOT)
+                 for folder, _, names in os.walk(os.path.join(ROOT, "tests")) for n in names
+                 if re.fullmatch(r"test_.*\.py", n)}
         self.assertEqual(sorted(files - tests), [], "test files without a pytest_test target in tests/BUILD")
         self.assertEqual(sorted(tests - files), [])
 

@@ -12,7 +12,7 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
 # Mean/std of the 1,437 training images, all pixels (computed once with
-# `load_arrays("digits", "train")`; checked in tests/test_data.py).
+# `load_arrays("digits", "train")`; checked in tests/data/test_data.py).
 INFO = base.DatasetInfo("digits", 10, (8, 8, 1), (0.3054,), (0.3761,))
 
 

@@ -87,8 +87,8 @@ def _checked(model, neighbours, lipschitz_bound):
     bad argument."""
     import numpy as np
 
-    from clustr_tf import lipschitz
-    from clustr_tf import models
+    from clustr_tf.nets import lipschitz
+    from clustr_tf.core import models
 
     if not isinstance(model, models.ClusTRModel) or not model.built:
         raise ExportError(
@@ -120,7 +120,7 @@ def _traced(model, neighbours, lipschitz_bound, compute_precision, trained):
     `compute_precision`; the caller's model is set back to `trained`, its precision."""
     import tensorflow as tf
 
-    from clustr_tf import precision
+    from clustr_tf.nets import precision
 
     precision.set_precision(model, compute_precision)
     try:
@@ -206,7 +206,7 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
     """
     import tensorflow as tf
 
-    from clustr_tf import precision
+    from clustr_tf.nets import precision
 
     image_shape, neighbours, lipschitz_bound = _checked(model, neighbours, lipschitz_bound)
     versions.check_export_dir(export_dir)

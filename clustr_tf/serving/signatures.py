@@ -98,7 +98,7 @@ def serving_functions(model, neighbours, lipschitz_bound):
     """
     import tensorflow as tf
 
-    from clustr_tf import certify
+    from clustr_tf.core import certify
 
     layer = model.cluster_centers
     image_shape = fixed_image_shape(model)

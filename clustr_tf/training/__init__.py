@@ -1,8 +1,11 @@
-"""Training: one `train_step` for every objective, run by Keras `fit`.
+"""Training: the objectives, and one `train_step` for all of them, run by Keras `fit`.
 
-A model (`models.Classifier`) is compiled with an objective (`clustr_tf.objectives`) and
-its `train_step` is the only gradient step of the library. This package runs it for a
-whole run:
+A model (`core.models.Classifier`) is compiled with an objective and its `train_step` is
+the only gradient step of the library:
+
+- `objectives`: one object per training method (ClusTR and its terms, cross-entropy,
+  PGD-AT, the certified margins); `consistency`: the ClusTR+QTRADES term;
+- `distribute`: tf.distribute strategies by name;
 
 - `run(config)`: a whole run from a `clustr_tf.config.RunConfig`, as `training/main.py`
   does (data, model, `train`, model.keras, metrics.json, export);
@@ -16,6 +19,9 @@ whole run:
   resumable CSV log, beside Keras's TensorBoard and TerminateOnNaN.
 """
 
+from clustr_tf.training import distribute
+from clustr_tf.training import consistency
+from clustr_tf.training import objectives
 from clustr_tf.training import callbacks
 from clustr_tf.training import fitting
 from clustr_tf.training import state

@@ -14,7 +14,7 @@ import time
 import keras
 from absl import logging
 
-from clustr_tf import models
+from clustr_tf.core import models
 
 
 def _finite_loss(logs):

@@ -13,12 +13,12 @@ import time
 import keras
 from absl import logging
 
-from clustr_tf import backbones
+from clustr_tf.nets import backbones
 from clustr_tf import data
-from clustr_tf import distribute
-from clustr_tf import models
-from clustr_tf import objectives
-from clustr_tf import precision
+from clustr_tf.training import distribute
+from clustr_tf.core import models
+from clustr_tf.training import objectives
+from clustr_tf.nets import precision
 from clustr_tf import serving
 from clustr_tf.config import ConfigError
 from clustr_tf.config import RunConfig

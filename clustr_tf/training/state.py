@@ -5,7 +5,7 @@ import os
 import tensorflow as tf
 from absl import logging
 
-from clustr_tf import distribute
+from clustr_tf.training import distribute
 
 STATE_DIR = "checkpoints"
 

@@ -1,0 +1,232 @@
+"""training/main.py: a tiny run and every bad input through its `main` in this process (flags
+parsed on a fresh FlagValues), and, as the binary itself, a bad flag's exit status and the
+resume after SIGKILL."""
+
+import csv
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MAIN = os.path.join(ROOT, "training", "main.py")
+
+_spec = importlib.util.spec_from_file_location("training_main", MAIN)
+main_lib = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(main_lib)
+
+
+def _parse(*args):
+    """The binary's flags on a fresh FlagValues, parsed from `args` as the binary does; returns
+    (the arguments left, the FlagValues)."""
+    flag_values = flags.FlagValues()
+    main_lib.define_flags(flag_values)
+    return flag_values(main_lib.legacy_argv(["main.py", *args])), flag_values
+
+
+def _main(*args):
+    """Runs the binary's `main` in this process; a failure raises SystemExit."""
+    main_lib.main(*_parse(*args))
+
+
+def _fails_with_one_line(capsys, args, *expected, status=None):
+    with pytest.raises(SystemExit) as exit_info:
+        _main(*args)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    if status is not None:
+        assert exit_info.value.code == status, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("main.py: error: "), err[-2000:]
+    for text in expected:
+        assert text in last
+    return last
+
+
+def test_tiny_run_writes_the_run_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    _main("--epochs=2", "--steps_per_epoch=2", f"--model_dir={run}", "--seed=3")
+    for name in ("config.json", "metrics.json", "model.keras", "training_log.csv",
+                 os.path.join("checkpoints", "checkpoint")):
+        assert (run / name).exists(), name
+    assert os.listdir(run / "logs")
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("clean_accuracy", "nearest_center_accuracy", "agreement"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["num_examples"] == 360
+    assert metrics["epochs"] == 2
+    with open(run / "training_log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    for key in ("loss", "nearest_center_accuracy", "val_accuracy", "variance", "center_separation"):
+        assert key in rows[0]
+    config = json.loads((run / "config.json").read_text())
+    assert (config["k"], config["m"], config["d"], config["alpha"], config["L"], config["lr"]) == (
+        2, 12, 20, 12.5, 10, 1e-4)
+    assert config["seed"] == 3
+    assert "Epoch 1/2" in capsys.readouterr().out  # Keras progress output is on
+
+
+def test_former_boolean_mixed_precision_flag():
+    for args, expected in ((["--mixed_precision"], "float16"), (["--nomixed_precision"], None),
+                           (["--mixed_precision=bfloat16"], "bfloat16"), ([], None)):
+        _, flag_values = _parse(*args, "--model_dir=r")
+        assert main_lib.config_from_flags(flag_values).runtime.mixed_precision == expected, args
+
+
+def test_sigkill_then_rerun_continues_and_logs_each_epoch_once(tmp_path):
+    run = str(tmp_path / "run")
+    args = [sys.executable, MAIN, "--epochs=5", "--steps_per_epoch=6", "--checkpoint_every_steps=2",
+            f"--model_dir={run}", "--seed=1"]
+    csv_path = os.path.join(run, "training_log.csv")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(csv_path):
+                with open(csv_path) as fh:
+                    if len(fh.read().splitlines()) >= 3:  # header + epochs 0 and 1
+                        break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert not os.path.exists(os.path.join(run, "metrics.json"))
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Restored" in out.stderr
+    restored_epoch = int(out.stderr.split("Restored")[1].split("epoch ")[1].split(",")[0])
+    # Killed after epoch 1 was logged: the state saved at or after its last
+    # mid-epoch checkpoint comes back, never the start.
+    assert restored_epoch >= 1
+    assert "Epoch 1/5" not in out.stdout  # it did not start over
+    assert f"Epoch {restored_epoch + 1}/5" in out.stdout
+    with open(csv_path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert os.path.exists(os.path.join(run, "metrics.json"))
+
+
+def test_the_binary_exits_2_with_one_line_on_a_bad_flag(tmp_path):
+    out = subprocess.run([sys.executable, MAIN, "--k=0", f"--model_dir={tmp_path}/run"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "main.py: error: --k must be an integer >= 1. Received: 0"
+    assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+@pytest.mark.parametrize("args, expected", [
+    pytest.param(["--dataset=mnist"], ("--dataset", "'mnist'"), id="unknown_dataset"),
+    pytest.param(["--m=20"], ("--m", "Received: --m=20"), id="m_too_large"),
+    pytest.param(["--L=21"], ("--L", "20", "Received: --L=21"), id="L_too_large"),
+    pytest.param(["--k=0"], ("--k", "Received: 0"), id="k_zero"),
+    pytest.param(["--backbone=vgg"], ("--backbone", "'vgg'"), id="unknown_backbone"),
+    pytest.param(["--lr=-1"], ("--lr", "Received: -1"), id="lr_negative"),
+])
+def test_bad_flag(args, expected, tmp_path, capsys):
+    _fails_with_one_line(capsys, args + [f"--model_dir={tmp_path}/run"], *expected, status=2)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_unwritable_model_dir(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    _fails_with_one_line(capsys, [f"--model_dir={blocker}/run"], "--model_dir", str(blocker))
+    assert blocker.read_text() == "keep me"
+
+
+def test_missing_dataset(tmp_path, capsys):
+    last = _fails_with_one_line(
+        capsys, ["--dataset=cifar10", f"--data_dir={tmp_path}/nothing", "--nodownload", f"--model_dir={tmp_path}/run"],
+        "cifar10", "--data_dir", status=1)
+    assert "could not be found" in last
+
+
+def test_unexpected_argument(capsys):
+    _fails_with_one_line(capsys, ["train"], "unexpected arguments: train", status=2)
+
+
+def test_unknown_consistency_form(tmp_path, capsys):
+    args = ["--consistency=trades", "--consistency_lambda=8", f"--model_dir={tmp_path}/run"]
+    last = _fails_with_one_line(capsys, args, "--consistency", "Received: 'trades'", status=2)
+    assert "official, kl" in last
+
+
+@pytest.fixture(scope="module")
+def xent_run(tmp_path_factory):
+    """A cross-entropy run, as the official ClusTR+QTRADES recipe starts from."""
+    source = str(tmp_path_factory.mktemp("init") / "xent")
+    _main("--method=cross_entropy", "--epochs=10", f"--model_dir={source}", "--lr=1e-3")
+    return source
+
+
+def test_init_checkpoint_starts_from_the_backbone_and_refreshes_the_clusters_first(xent_run, tmp_path, caplog):
+    import keras
+
+    import clustr_tf  # noqa: F401: registers the models
+
+    caplog.set_level(logging.INFO, logger="absl")
+    run = tmp_path / "qtrades"
+    _main(f"--init_checkpoint={xent_run}", "--consistency_lambda=8", "--epochs=1", "--steps_per_epoch=1", "--lr=1e-9",
+          f"--model_dir={run}")
+    assert f"Initialised the backbone from {xent_run}/model.keras (SoftmaxClassifier)" in caplog.text
+    with open(run / "training_log.csv") as fh:
+        first = next(csv.DictReader(fh))
+    # The first step already classifies its batch by centers of the copied features: the
+    # clusters were refreshed on them before it (random centers give about 10%).
+    assert float(first["nearest_center_accuracy"]) > 0.8
+    assert float(first["consistency_loss"]) > 0.0
+    source = keras.saving.load_model(os.path.join(xent_run, "model.keras"))
+    model = keras.saving.load_model(run / "model.keras")
+    assert type(model).__name__ == "ClusTRModel"
+    # The trained weights carried over (lr 1e-9 barely moves them; batch-norm moving
+    # statistics move with every training pass, whatever the rate).
+    assert source.backbone.trainable_weights
+    for a, b in zip(source.backbone.trainable_weights, model.backbone.trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    assert json.loads((run / "config.json").read_text())["consistency"] == "official"
+
+
+def test_init_checkpoint_a_backbone_that_does_not_fit(xent_run, tmp_path, capsys):
+    path = os.path.join(xent_run, "model.keras")
+    last = _fails_with_one_line(
+        capsys, [f"--init_checkpoint={path}", "--backbone=resnet18", "--width_multiplier=0.125",
+                 f"--model_dir={tmp_path}/r"],
+        "--init_checkpoint's backbone does not fit", f"Received: {path}", status=2)
+    assert "--width_multiplier" in last
+    assert os.path.exists(path)  # nothing was touched
+
+
+def test_init_checkpoint_a_corrupt_or_missing_model(tmp_path, capsys):
+    corrupt = tmp_path / "broken.keras"
+    corrupt.write_bytes(b"not a zip")
+    _fails_with_one_line(capsys, [f"--init_checkpoint={corrupt}", f"--model_dir={tmp_path}/r"],
+                         "--init_checkpoint cannot be loaded", f"Received: {corrupt}", status=2)
+    assert corrupt.exists()
+    empty = tmp_path / "unfinished_run"
+    empty.mkdir()
+    _fails_with_one_line(capsys, [f"--init_checkpoint={empty}", f"--model_dir={tmp_path}/r3"],
+                         "--init_checkpoint must be a .keras model or a run directory holding model.keras", status=2)
+    _fails_with_one_line(capsys, [f"--init_checkpoint={tmp_path}/nothing", f"--model_dir={tmp_path}/r5"],
+                         "--init_checkpoint does not exist", status=2)
+
+
+def test_class_counts_match_the_datasets():
+    from clustr_tf import config
+    from clustr_tf import data
+
+    assert sorted(config.DATASET_CLASSES) == sorted(data.DATASETS)
+    for name, classes in config.DATASET_CLASSES.items():
+        assert data.info(name).num_classes == classes
