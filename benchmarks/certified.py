@@ -1,33 +1,45 @@
-"""Certified ClusTR against the Lipschitz-margin linear head, under one CPU budget.
+"""Certified ClusTR against the Lipschitz-margin linear head: one recipe, one CPU budget, one sweep.
 
-    python benchmarks/certified.py [--datasets=digits,cifar10] [--cifar_data_dir=PATH]
-        [--digits_cpu_minutes=4] [--cifar_cpu_minutes=30] [--stages=4]
+    python benchmarks/certified.py [--datasets=digits,cifar10] [--phases=sweep,final]
+        [--cifar_data_dir=PATH] [--methods=certified_clustr,lipschitz_margin_xent]
 
 For each dataset, trains two models on the same 1-Lipschitz-by-construction backbone
 (`--backbone=lipschitz`: AOL convolutions, MaxMin, space-to-depth; mean subtraction only,
-so its bound is exactly 1), the same data, optimizer (Adam, constant `--lr`) and CPU budget
-of the training process (`training/main.py --cpu_budget_minutes`: contention from other
-processes does not count against a method):
+so its bound is exactly 1), the same data (crop + flip on CIFAR-10), batch size, optimizer
+(Adam, `--lr_schedule=cosine`: the rate falls to 0 at the end of the CPU budget), precision
+(bfloat16 on CIFAR-10, where benchmarks/lipschitz_step.py measured it faster on this CPU and
+XLA slower; evaluation and the certificate in float32/float64) and CPU
+budget of the training process (`training/main.py --cpu_budget_minutes`: contention from
+other processes does not count against a method):
 
-    certified_clustr        --certified_margin=EPS: the magnet loss with every other-class
-                            squared distance reduced by 2 EPS L ||mu_own - mu_j|| (K=2,
-                            neighbourhood batches, the cluster refresh every epoch);
-                            certified rule: the nearest center
-    lipschitz_margin_xent   --method=cross_entropy --certified_margin=EPS: a linear head,
-                            cross-entropy on the logits z_j + EPS L ||w_j - w_y|| (the
+    certified_clustr        --certified_margin=R: certified ClusTR, K=2 trainable centers per
+                            class, cross-entropy on the certificate's logits / T; certified
+                            rule: the nearest center
+    lipschitz_margin_xent   --method=cross_entropy --certified_margin=R: a linear head,
+                            cross-entropy on the logits z_j + R L ||w_j - w_y|| over T (the
                             standard Lipschitz-margin baseline); certified rule: the head
 
-The budget is split into `--stages` equal parts: the run resumes from its checkpoint for each
-part, and after each one the whole test split is certified (one forward pass; float64
-certificate), which gives the curve of certified accuracy against training CPU time. The
-final model is then evaluated by `training/evaluate.py` with its `auto` radii (digits 0.25,
-0.5, 1.0; CIFAR-10 36/255, 72/255, 108/255): certified accuracy on the whole test split
-and, on `--num_examples` test images, l2 PGD (margin loss, restarts) against the soft-kNC
-rule and against the certified rule, whose per-example comparison with the certificate is
-the `certified_below_empirical` check (a certified example the attack breaks is a
-violation). Everything resumes: run the command again after an interruption.
+Phase `sweep`: each method trains once per setting of its grid (the same size for both:
+the training radius R at 1x and 2x the evaluation radius, two temperatures T, and the
+learning rate / 10), with `--holdout_examples` training examples held out, and the setting
+with the best certified accuracy at the evaluation radius on those held-out examples (never
+the test split) is chosen. Phase `final`: the chosen setting trains on the whole training
+set; its budget is split into `stages` parts (the run resumes from its checkpoint for each,
+`--lr_horizon_cpu_minutes` keeps one schedule over the whole budget) and after each part
+the whole test split is certified (float64 certificate): the curve of certified accuracy
+against training CPU time. The final model is then evaluated by `training/evaluate.py`
+with its `auto` radii (digits 0.25, 0.5, 1.0; CIFAR-10 36/255, 72/255, 108/255): certified
+accuracy on the whole test split and, on `num_examples` test images, l2 PGD (margin loss,
+restarts) against the soft-kNC rule and against the certified rule, whose per-example
+comparison with the certificate is the `certified_below_empirical` check (a certified
+example the attack breaks is a violation).
 
-Saves benchmarks/results/certified.json and prints it as one JSON object last.
+Datasets: `digits` (3 CPU-min per run), `cifar10` (60 CPU-min per final run, 6 per sweep
+run) and `cifar10_long` (240 CPU-min, the setting chosen by cifar10's sweep, 4 points of
+the curve). Everything resumes: run the same command again after an interruption.
+
+Saves benchmarks/results/certified.json (runs[dataset/method], sweeps[dataset/method]) and
+prints it as one JSON object last.
 """
 
 import argparse
@@ -49,21 +61,39 @@ METHODS = {
     "certified_clustr": [],
     "lipschitz_margin_xent": ["--method=cross_entropy"],
 }
-# Per dataset: the training radius, evaluation settings, and the anchors from the literature.
+# Per dataset: evaluation radius, recipe and budgets, evaluation settings.
 DATASETS = {
-    "digits": {"margin": 0.5, "lr": 1e-3, "width": 1.0, "num_examples": 360, "restarts": 5, "losses": "margin,logits",
-               "batch_size": 240},
-    "cifar10": {"margin": 36 / 255, "lr": 1e-4, "width": 1.0, "num_examples": 200, "restarts": 2, "losses": "margin",
-                "batch_size": 240},
+    "digits": {"data": "digits", "radius": 0.5, "lr": 1e-3, "batch_size": 240, "cpu_minutes": 3.0, "stages": 3,
+               "sweep_cpu_minutes": 3.0, "holdout_examples": 300, "num_examples": 360, "restarts": 5,
+               "losses": "margin,logits"},
+    "cifar10": {"data": "cifar10", "radius": 36 / 255, "lr": 1e-3, "batch_size": 240, "cpu_minutes": 60.0,
+                "stages": 3, "sweep_cpu_minutes": 6.0, "holdout_examples": 5000, "num_examples": 200, "restarts": 2,
+                "losses": "margin", "precision": "bfloat16"},
+    "cifar10_long": {"data": "cifar10", "radius": 36 / 255, "lr": 1e-3, "batch_size": 240, "cpu_minutes": 240.0,
+                     "stages": 4, "sweep_from": "cifar10", "num_examples": 200, "restarts": 2, "losses": "margin",
+                     "precision": "bfloat16"},
+}
+# The sweep: the same number of settings per method; R as a multiple of the evaluation
+# radius, T, and a factor of the learning rate.
+SWEEPS = {
+    "certified_clustr": [{"radius_x": 1, "temperature": 0.25, "lr_x": 1}, {"radius_x": 2, "temperature": 0.25, "lr_x": 1},
+                         {"radius_x": 1, "temperature": 0.0625, "lr_x": 1},
+                         {"radius_x": 1, "temperature": 0.25, "lr_x": 0.1}],
+    "lipschitz_margin_xent": [{"radius_x": 1, "temperature": 1.0, "lr_x": 1}, {"radius_x": 2, "temperature": 1.0, "lr_x": 1},
+                              {"radius_x": 1, "temperature": 0.25, "lr_x": 1},
+                              {"radius_x": 1, "temperature": 1.0, "lr_x": 0.1}],
 }
 ANCHORS = {
     "cifar10": [
-        {"method": "GloRo 6C2F (Leino et al., ICML 2021)", "clean": 0.77, "certified_36": 0.584},
-        {"method": "AOL-Large (Prach & Lampert, ECCV 2022)", "clean": 0.716, "certified_36": 0.640},
-        {"method": "SLL X-Large (Araujo et al., ICLR 2023)", "clean": 0.733, "certified_36": 0.658},
-        {"method": "AOL, 2 A100-hours, 1.6M parameters (Prach et al., CVPR 2024)", "clean": 0.685,
+        {"method": "GloRo 6C2F (Leino et al., ICML 2021)", "budget": "GPU, the paper's full schedule",
+         "clean": 0.77, "certified_36": 0.584},
+        {"method": "AOL-Large (Prach & Lampert, ECCV 2022)", "budget": "GPU, the paper's full schedule",
+         "clean": 0.716, "certified_36": 0.640},
+        {"method": "SLL X-Large (Araujo et al., ICLR 2023)", "budget": "GPU, the paper's full schedule",
+         "clean": 0.733, "certified_36": 0.658},
+        {"method": "AOL, 1.6M parameters (Prach et al., CVPR 2024)", "budget": "2 A100-hours", "clean": 0.685,
          "certified_36": 0.556},
-        {"method": "CPL, 2 A100-hours, 1.6M parameters (Prach et al., CVPR 2024)", "clean": 0.717,
+        {"method": "CPL, 1.6M parameters (Prach et al., CVPR 2024)", "budget": "2 A100-hours", "clean": 0.717,
          "certified_36": 0.582},
     ],
 }
@@ -72,12 +102,10 @@ ANCHORS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="digits,cifar10")
+    p.add_argument("--phases", default="sweep,final")
     p.add_argument("--cifar_data_dir", default=SHARED_CIFAR if os.path.exists(SHARED_CIFAR) else None,
                    help="CIFAR-10 for training/main.py --data_dir. Default: ../shared/data/cifar10-jpeg.tar.gz "
                         "when it exists, else TFDS.")
-    p.add_argument("--digits_cpu_minutes", type=float, default=4.0)
-    p.add_argument("--cifar_cpu_minutes", type=float, default=30.0)
-    p.add_argument("--stages", type=int, default=4, help="Equal parts of the budget (points of the curve).")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--runs_dir", default=os.path.join(ROOT, "runs", "certified"))
     p.add_argument("--out", default=DEFAULT_OUT)
@@ -85,12 +113,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.methods = [m for m in args.methods.split(",") if m]
-    for name, known in (("datasets", DATASETS), ("methods", METHODS)):
+    args.phases = [m for m in args.phases.split(",") if m]
+    for name, known in (("datasets", DATASETS), ("methods", METHODS), ("phases", ("sweep", "final"))):
         unknown = [v for v in getattr(args, name) if v not in known]
         if unknown:
             p.error(f"--{name}: unknown {unknown}; expected some of {', '.join(known)}")
-    if args.stages < 1:
-        p.error(f"--stages must be >= 1. Received: {args.stages}")
     return args
 
 
@@ -98,49 +125,54 @@ def _python(script, argv):
     return [sys.executable, os.path.join(ROOT, script), *argv]
 
 
-def _budget(args, dataset):
-    return args.digits_cpu_minutes if dataset == "digits" else args.cifar_cpu_minutes
-
-
 def _data_argv(args, dataset):
-    if dataset == "cifar10" and args.cifar_data_dir:
+    if DATASETS[dataset]["data"] == "cifar10" and args.cifar_data_dir:
         return [f"--data_dir={args.cifar_data_dir}"]
     return []
 
 
-def train_stage(args, dataset, method, stage):
-    """Trains `method` until its cumulative CPU budget of `stage` (1-based) parts."""
+def train_argv(args, dataset, method, setting, minutes, holdout=0):
+    """training/main.py's flags for `method` with a sweep `setting`, trained `minutes`
+    (without --model_dir and the budget flags)."""
     s = DATASETS[dataset]
-    run_dir = os.path.join(args.runs_dir, f"{dataset}-{method}")
-    minutes = _budget(args, dataset) * stage / args.stages
-    argv = [f"--dataset={dataset}", *_data_argv(args, dataset), "--backbone=lipschitz",
-            f"--width_multiplier={s['width']}", f"--certified_margin={s['margin']}", f"--lr={s['lr']}",
-            "--lr_milestones=none", "--epochs=100000", f"--cpu_budget_minutes={minutes}", f"--model_dir={run_dir}",
-            *(["--batch_size=%d" % s["batch_size"]] if method != "certified_clustr" else []), *METHODS[method]]
+    return [f"--dataset={s['data']}", *_data_argv(args, dataset), "--backbone=lipschitz",
+            f"--certified_margin={s['radius'] * setting['radius_x']!r}", f"--temperature={setting['temperature']!r}",
+            f"--lr={s['lr'] * setting['lr_x']!r}", "--lr_schedule=cosine", f"--batch_size={s['batch_size']}",
+            "--epochs=100000", *([f"--holdout_examples={holdout}"] if holdout else []),
+            *([f"--mixed_precision={s['precision']}"] if s.get("precision") else []), *METHODS[method]]
+
+
+def train(argv, run_dir, minutes, horizon):
+    """Trains until `minutes` CPU minutes (cumulative; the schedule ends at `horizon`)."""
     start = time.time()
-    subprocess.run(_python("training/main.py", argv), cwd=ROOT, check=True)
+    subprocess.run(_python("training/main.py", [*argv, f"--cpu_budget_minutes={minutes!r}",
+                                                 f"--lr_horizon_cpu_minutes={horizon!r}", f"--model_dir={run_dir}"]),
+                   cwd=ROOT, check=True)
     with open(os.path.join(run_dir, "metrics.json")) as fh:
-        metrics = json.load(fh)
-    return run_dir, metrics, time.time() - start, argv
+        return json.load(fh), time.time() - start
 
 
-_TEST = {}
+_ARRAYS = {}
 
 
-def certify_run(run_dir, dataset, args):
-    """Certified accuracy of the run's model.keras on the whole test split."""
+def _arrays(args, dataset, split):
+    name = DATASETS[dataset]["data"]
+    if (name, split) not in _ARRAYS:
+        from clustr_tf import data
+
+        _ARRAYS[name, split] = data.load_arrays(name, split, **({"data_dir": args.cifar_data_dir}
+                                                                 if name == "cifar10" and args.cifar_data_dir else {}))
+    return _ARRAYS[name, split]
+
+
+def certify_run(run_dir, images, labels, radii):
+    """Certified accuracy of the run's model.keras on `images`."""
     import keras
 
     import clustr_tf  # noqa: F401,PLC0415  (registers the layers)
-    from clustr_tf import data
     from clustr_tf import evaluation
 
     model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
-    if dataset not in _TEST:
-        _TEST[dataset] = data.load_arrays(dataset, "test", **({"data_dir": args.cifar_data_dir}
-                                                               if dataset == "cifar10" and args.cifar_data_dir else {}))
-    images, labels = _TEST[dataset]
-    radii = evaluation.auto_radii(model.backbone, dataset)["radii"]
     return evaluation.certify_split(model, images, labels, radii)
 
 
@@ -153,63 +185,108 @@ def evaluate_run(run_dir, dataset):
         return json.load(fh), argv
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    previous = {}
+def sweep(args, dataset, method):
+    """Trains every setting of the method's grid with held-out examples; returns the records
+    and the chosen setting (best certified accuracy at the evaluation radius on them)."""
+    s = DATASETS[dataset]
+    from clustr_tf import data
+
+    images, labels = _arrays(args, dataset, "train")
+    _, held = data.split_holdout(labels, s["holdout_examples"])
+    records = []
+    for i, setting in enumerate(SWEEPS[method]):
+        run_dir = os.path.join(args.runs_dir, f"sweep-{dataset}-{method}-{i}")
+        argv = train_argv(args, dataset, method, setting, s["sweep_cpu_minutes"], s["holdout_examples"])
+        metrics, _ = train(argv, run_dir, s["sweep_cpu_minutes"], s["sweep_cpu_minutes"])
+        cert = certify_run(run_dir, images[held], labels[held], (s["radius"],))
+        records.append({**setting, "holdout_clean_accuracy": cert["clean_accuracy"],
+                        "holdout_certified_accuracy": cert["certified_accuracy"][str(s["radius"])],
+                        "train_cpu_minutes": round(metrics["train_cpu_seconds"] / 60, 2),
+                        "epochs": metrics["epochs_trained"],
+                        "command": "python training/main.py " + " ".join(argv) +
+                                   f" --cpu_budget_minutes={s['sweep_cpu_minutes']}"})
+        print(json.dumps({f"sweep {dataset}/{method}": records[-1]}), flush=True)
+    best = max(range(len(records)), key=lambda i: records[i]["holdout_certified_accuracy"])
+    return {"settings": records, "chosen": best, "budget_cpu_minutes": s["sweep_cpu_minutes"],
+            "holdout_examples": s["holdout_examples"]}
+
+
+def final(args, dataset, method, setting):
+    s = DATASETS[dataset]
+    run_dir = os.path.join(args.runs_dir, f"{dataset}-{method}")
+    argv = train_argv(args, dataset, method, setting, s["cpu_minutes"])
+    images, labels = _arrays(args, dataset, "test")
+    curve, wall = [], 0.0
+    for stage in range(1, s["stages"] + 1):
+        metrics, seconds = train(argv, run_dir, s["cpu_minutes"] * stage / s["stages"], s["cpu_minutes"])
+        wall += seconds
+        cert = certify_run(run_dir, images, labels, (s["radius"],))
+        curve.append({"train_cpu_minutes": round(metrics["train_cpu_seconds"] / 60, 2),
+                      "epochs": metrics["epochs_trained"], "clean_accuracy": cert["clean_accuracy"],
+                      "certified_accuracy": cert["certified_accuracy"][str(s["radius"])]})
+        print(json.dumps({f"{dataset}/{method}": curve[-1]}), flush=True)
+    robustness, eval_argv = evaluate_run(run_dir, dataset)
+    return {
+        "command": "python training/main.py " + " ".join(argv) + f" --cpu_budget_minutes={s['cpu_minutes']}",
+        "evaluate_command": "python training/evaluate.py --model_dir=RUN " + " ".join(eval_argv[1:]),
+        "setting": setting, "train_cpu_minutes": curve[-1]["train_cpu_minutes"], "epochs": curve[-1]["epochs"],
+        "clean_accuracy": robustness["clean_accuracy_test_split"],
+        "soft_knc_clean_accuracy": metrics["clean_accuracy"] if method == "certified_clustr" else None,
+        "certified_accuracy": robustness["certified_accuracy_test_split"],
+        "certified_test_examples": robustness["certified_test_examples"],
+        "attacked_examples": robustness["num_examples"],
+        "certified_accuracy_attacked_subset": robustness["certified_accuracy"],
+        "empirical_l2_certified_rule": robustness["empirical_l2_certified_rule"],
+        "empirical_l2_soft_knc": robustness.get("robust_accuracy_l2"),
+        "certificate_violations": robustness["certificate_violations"],
+        "certified_below_empirical": robustness["masking_checks"]["certified_below_empirical"],
+        "lipschitz_bound": robustness["lipschitz_bound"],
+        "budget_cpu_minutes": s["cpu_minutes"], "stages": s["stages"],
+        "curve": curve, "wall_minutes": round(wall / 60, 1), "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _save(args, update):
+    """Merges `update` ({"runs": {...}, "sweeps": {...}}) into the results file (other
+    processes may have written other keys meanwhile), atomically."""
+    result = {}
     if os.path.exists(args.out):
         with open(args.out) as fh:
-            previous = json.load(fh)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine.describe("cpu", "cpus"),
-              "settings": {"stages": args.stages, "digits_cpu_minutes": args.digits_cpu_minutes,
-                           "cifar_cpu_minutes": args.cifar_cpu_minutes, "datasets": DATASETS,
-                           "cifar_data_dir": os.path.basename(args.cifar_data_dir or "") or "TFDS"},
-              "anchors": ANCHORS, "runs": dict(previous.get("runs", {}))}
-    done = []
+            result = json.load(fh)
+    result.update({"date": time.strftime("%Y-%m-%d"), "machine": machine.describe("cpu", "cpus"),
+                   "settings": {"datasets": DATASETS, "sweeps": SWEEPS,
+                                "cifar_data_dir": os.path.basename(args.cifar_data_dir or "") or "TFDS"},
+                   "anchors": ANCHORS})
+    for key in ("runs", "sweeps"):
+        result[key] = {**result.get(key, {}), **update.get(key, {})}
+    # Runs of the former recipe (no sweep setting) are not what their commands train any more.
+    result["runs"] = {k: v for k, v in result["runs"].items() if "setting" in v}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, args.out)
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.fresh:
+        shutil.rmtree(args.runs_dir, ignore_errors=True)
+    result = {}
     for dataset in args.datasets:
         for method in args.methods:
             key = f"{dataset}/{method}"
-            done.append(key)
-            run_dir = os.path.join(args.runs_dir, f"{dataset}-{method}")
-            if args.fresh:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            curve, wall = [], 0.0
-            for stage in range(1, args.stages + 1):
-                run_dir, metrics, seconds, train_argv = train_stage(args, dataset, method, stage)
-                wall += seconds
-                cert = certify_run(run_dir, dataset, args)
-                curve.append({"train_cpu_minutes": round(metrics["train_cpu_seconds"] / 60, 2),
-                              "epochs": metrics["epochs_trained"], "clean_accuracy": metrics["clean_accuracy"],
-                              "certified_rule_accuracy": cert["clean_accuracy"],
-                              "certified_accuracy": cert["certified_accuracy"]})
-                print(json.dumps({key: curve[-1]}), flush=True)
-            robustness, eval_argv = evaluate_run(run_dir, dataset)
-            checks = robustness["masking_checks"]
-            result["runs"][key] = {
-                "command": "python training/main.py " + " ".join(a for a in train_argv if not a.startswith(
-                    ("--cpu_budget", "--model_dir", "--epochs"))) + f" --cpu_budget_minutes={_budget(args, dataset)}",
-                "evaluate_command": "python training/evaluate.py " + " ".join(eval_argv[1:]),
-                "train_cpu_minutes": curve[-1]["train_cpu_minutes"], "epochs": curve[-1]["epochs"],
-                "clean_accuracy": robustness["clean_accuracy_test_split"],
-                "soft_knc_clean_accuracy": metrics["clean_accuracy"] if method == "certified_clustr" else None,
-                "certified_accuracy": robustness["certified_accuracy_test_split"],
-                "certified_test_examples": robustness["certified_test_examples"],
-                "attacked_examples": robustness["num_examples"],
-                "certified_accuracy_attacked_subset": robustness["certified_accuracy"],
-                "empirical_l2_certified_rule": robustness["empirical_l2_certified_rule"],
-                "empirical_l2_soft_knc": robustness.get("robust_accuracy_l2"),
-                "certificate_violations": robustness["certificate_violations"],
-                "certified_below_empirical": checks["certified_below_empirical"],
-                "lipschitz_bound": robustness["lipschitz_bound"],
-                "budget_cpu_minutes": _budget(args, dataset), "stages": args.stages,
-                "curve": curve, "wall_minutes": round(wall / 60, 1), "date": result["date"],
-            }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    if os.path.exists(args.out):  # another process (another dataset or method) may have written meanwhile
-        with open(args.out) as fh:
-            result["runs"] = {**json.load(fh).get("runs", {}), **{k: result["runs"][k] for k in done}}
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
+            source = f"{DATASETS[dataset].get('sweep_from', dataset)}/{method}"
+            if "sweep" in args.phases and "sweep_from" not in DATASETS[dataset]:
+                result = _save(args, {"sweeps": {key: sweep(args, dataset, method)}})
+            if "final" in args.phases:
+                if not os.path.exists(args.out) or source not in json.load(open(args.out)).get("sweeps", {}):
+                    raise SystemExit(f"certified.py: no sweep of {source} in {args.out}: run --phases=sweep first")
+                chosen = json.load(open(args.out))["sweeps"][source]
+                setting = {k: chosen["settings"][chosen["chosen"]][k] for k in ("radius_x", "temperature", "lr_x")}
+                result = _save(args, {"runs": {key: final(args, dataset, method, setting)}})
     print(json.dumps(result), flush=True)
 
 

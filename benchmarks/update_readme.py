@@ -99,21 +99,24 @@ def _radius_name(key, dataset):
 
 
 def certified(r):
-    """The table and curves of benchmarks/results/certified.json."""
+    """The tables, sweeps and curves of benchmarks/results/certified.json, each row with the
+    command that produced it."""
     names = {"certified_clustr": "certified ClusTR (nearest center)",
              "lipschitz_margin_xent": "Lipschitz-margin cross-entropy (linear head)"}
+    titles = {"digits": "digits", "cifar10": "CIFAR-10", "cifar10_long": "CIFAR-10, the long budget"}
     lines = []
-    for dataset in ("digits", "cifar10"):
-        runs = {k.split("/")[1]: v for k, v in r["runs"].items() if k.split("/")[0] == dataset}
+    for dataset in ("digits", "cifar10", "cifar10_long"):
+        runs = {k.split("/")[1]: v for k, v in r.get("runs", {}).items()
+                if k.split("/")[0] == dataset and "setting" in v}  # (the former recipe's runs have none)
         if not runs:
             continue
         first = next(iter(runs.values()))
         radii = [k for k in first["certified_accuracy"] if float(k) > 0]
         shown = [_radius_name(k, dataset) for k in radii]
-        lines += [f"**{dataset}** ({first['certified_test_examples']} test images certified, "
-                  f"{first['attacked_examples']} attacked; `--backbone=lipschitz`, bound "
-                  f"{first['lipschitz_bound']:g}; {r['machine']['cpu']}, {r['machine']['cpus']} cores, "
-                  f"{first['date']}):", "",
+        lines += [f"**{titles[dataset]}**, {first['budget_cpu_minutes']:g} training CPU-minutes per method "
+                  f"({first['certified_test_examples']} test images certified, {first['attacked_examples']} "
+                  f"attacked; `--backbone=lipschitz`, bound {first['lipschitz_bound']:g}; {r['machine']['cpu']}, "
+                  f"{r['machine']['cpus']} cores, {first['date']}):", "",
                   "| method | training CPU-min | clean | " + " | ".join(f"certified {x}" for x in shown)
                   + " | " + " | ".join(f"l2 PGD {x}" for x in shown) + " | violations |",
                   "|---|---|---|" + "---|" * (2 * len(radii)) + "---|"]
@@ -125,23 +128,38 @@ def certified(r):
                 + " | ".join(f"{100 * emp[k]:.1f}% ({100 * run['certified_accuracy_attacked_subset'][k]:.1f}%)"
                              if k in emp else "-" for k in radii) + " | "
                 + f"{sum(run['certificate_violations'].values())} |")
-        lines += ["", "Clean and certified: the certified rule on the whole test split; l2 PGD: the empirical "
-                      "accuracy of the same rule under l2 PGD (margin loss, restarts) at that radius on the attacked "
-                      "images, with in brackets the certified accuracy of those same images (at most the empirical one); "
-                      "violations: certified examples the attack broke (must be 0).", "",
-                  "Certified accuracy on the whole test split against training CPU time (the curve):", "",
-                  "| method | " + " | ".join(f"stage {i + 1}" for i in range(len(first["curve"]))) + " |",
+        lines += ["", "The commands of these rows (then `" + first["evaluate_command"] + "`):", ""]
+        lines += [f"- {names.get(method, method)}: `{run['command']}`" for method, run in runs.items()]
+        lines += ["", "Certified accuracy at " + _radius_name(radii[min(1, len(radii) - 1)] if dataset == "digits"
+                                                                  else radii[0], dataset)
+                  + " on the whole test split against training CPU time (one run, certified after each part):", "",
+                  "| method | " + " | ".join(f"part {i + 1}" for i in range(len(first["curve"]))) + " |",
                   "|---|" + "---|" * len(first["curve"])]
-        mid = radii[min(1, len(radii) - 1)] if dataset == "digits" else radii[0]
         for method, run in runs.items():
-            lines.append(f"| {names.get(method, method)}, certified {_radius_name(mid, dataset)} | "
-                         + " | ".join(f"{100 * p['certified_accuracy'][mid]:.1f}% at {p['train_cpu_minutes']:.1f} min"
+            lines.append(f"| {names.get(method, method)} | "
+                         + " | ".join(f"{100 * p['certified_accuracy']:.1f}% at {p['train_cpu_minutes']:.1f} min"
                                       for p in run["curve"]) + " |")
+        sweeps = {k.split("/")[1]: v for k, v in r.get("sweeps", {}).items() if k.split("/")[0] == dataset}
+        if sweeps:
+            sweep = next(iter(sweeps.values()))
+            lines += ["", f"The sweep that chose each method's setting ({sweep['budget_cpu_minutes']:g} CPU-minutes "
+                          f"per setting, {sweep['holdout_examples']} training examples held out and certified; the "
+                          f"test split is not used; R: the training radius over the evaluation radius, T: the "
+                          f"temperature):", "",
+                      "| method | R | T | learning rate | held-out certified | held-out clean | chosen |",
+                      "|---|---|---|---|---|---|---|"]
+            for method, sw in sweeps.items():
+                for i, setting in enumerate(sw["settings"]):
+                    lines.append(f"| {names.get(method, method)} | {setting['radius_x']:g}x | {setting['temperature']:g} | "
+                                 f"{setting['lr_x']:g}x | {100 * setting['holdout_certified_accuracy']:.1f}% | "
+                                 f"{100 * setting['holdout_clean_accuracy']:.1f}% | {'yes' if i == sw['chosen'] else ''} |")
         anchors = r.get("anchors", {}).get(dataset)
         if anchors:
-            lines += ["", "Anchors from the literature (GPU budgets; not run here):", "",
-                      "| method | clean | certified 36/255 |", "|---|---|---|"]
-            lines += [f"| {a['method']} | {100 * a['clean']:.1f}% | {100 * a['certified_36']:.1f}% |" for a in anchors]
+            lines += ["", "The literature, on GPU budgets (not run here; the rows above had "
+                          f"{first['budget_cpu_minutes']:g} CPU-minutes on {r['machine']['cpus']} cores):", "",
+                      "| method | budget | clean | certified 36/255 |", "|---|---|---|---|"]
+            lines += [f"| {a['method']} | {a.get('budget', 'GPU')} | {100 * a['clean']:.1f}% | "
+                      f"{100 * a['certified_36']:.1f}% |" for a in anchors]
         lines.append("")
     return lines[:-1] if lines and lines[-1] == "" else lines
 

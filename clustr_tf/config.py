@@ -22,6 +22,7 @@ Received: 0``); the binary prints it with `--m`. `RunConfig.flat()` is a run's c
 
 import dataclasses
 import datetime
+import math
 import os
 import re
 
@@ -41,6 +42,7 @@ QTRADES_STEP = 10.0 / 255.0  # its signed-gradient step
 PGD_EPS = 8.0 / 255.0  # PGD-AT's training attack (Madry et al. on CIFAR-10)
 PGD_STEP = 2.0 / 255.0
 PGD_ITERATIONS = 10
+CERTIFIED_TEMPERATURE = 0.25  # certified ClusTR: T of the cross-entropy on its certificate logits
 LEARNING_RATE = 1e-4  # the official ClusTR (Adam) rate
 # (dataset, backbone) -> the rate where LEARNING_RATE does not suit: the small Lipschitz network
 # trains slowly at 1e-4 on digits (on CIFAR-10 1e-3 can collapse it, so 1e-4 there).
@@ -58,6 +60,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 METHODS = ("clustr", "cross_entropy", "pgd_at")
 CONSISTENCY_FORMS = ("official", "kl")
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("milestones", "cosine")
 MIXED_PRECISIONS = ("float16", "bfloat16")
 
 
@@ -112,11 +115,17 @@ class Data:
         None, "Download the original release files from this URL (URL/<file name>) instead of their publishers' "
         "sites; each must match TFDS's registered checksum.")
     augment: bool = setting(True, "Official augmentation (crop + flip) for CIFAR.")
+    holdout_examples: int = setting(
+        0, "Hold out this many training examples (one fixed seeded choice, clustr_tf.data.split_holdout) and train "
+        "on the rest, to tune settings on them instead of on the test split. 0: train on all.")
 
     def __post_init__(self):
         _choice("dataset", self.dataset, sorted(DATASET_CLASSES) + list(FOLDER_DATASETS))
         if self.dataset in FOLDER_DATASETS and not self.data_dir:
             _fail(f"`dataset`={self.dataset} needs `data_dir` (a folder or .tar.gz of split/class/image).")
+        if isinstance(self.holdout_examples, bool) or not isinstance(self.holdout_examples, int) \
+                or self.holdout_examples < 0:
+            _fail(f"`holdout_examples` must be an int >= 0. Received: {self.holdout_examples!r}")
         if self.data_mirror is not None and not str(self.data_mirror).startswith(("http://", "https://", "ftp://")):
             _fail(f"`data_mirror` must be an http, https or ftp URL. Received: {self.data_mirror!r}")
 
@@ -169,14 +178,18 @@ class Objective:
     consistency_step: float = setting(QTRADES_STEP, "QTRADES step size, in 1/255 units.", flag_scale=255)
     refresh_every: int = setting(1, "Re-cluster after every this many epochs.")
     batch_size: int | None = setting(
-        None, f"Baselines' batch size per replica. Default: m * d ({CLUSTERS_PER_BATCH * EXAMPLES_PER_CLUSTER}).")
+        None, f"Batch size per replica of the baselines and certified ClusTR (shuffled batches). Default: m * d "
+        f"({CLUSTERS_PER_BATCH * EXAMPLES_PER_CLUSTER}).")
     pgd_eps: float = setting(PGD_EPS, "pgd_at training attack l_inf radius, in 1/255 units.", flag_scale=255)
     pgd_step: float = setting(PGD_STEP, "pgd_at training attack step, in 1/255 units.", flag_scale=255)
     pgd_iterations: int = setting(PGD_ITERATIONS, "pgd_at training attack steps.")
     certified_margin: float = setting(
-        0.0, "Certified training: the l2 radius (pixel units) to certify. clustr: the magnet loss at the worst case "
-        "of that radius (certified ClusTR); cross_entropy: Lipschitz-margin cross-entropy. Needs "
-        "--backbone=lipschitz. 0: off.")
+        0.0, "Certified training: the l2 radius (pixel units) to train for. clustr: certified ClusTR (trainable "
+        "centers, cross-entropy on the certificate's logits at that radius); cross_entropy: Lipschitz-margin "
+        "cross-entropy. Needs --backbone=lipschitz. 0: off.")
+    temperature: float | None = setting(
+        None, f"Certified training: temperature T of the cross-entropy (logits / T). Default: {CERTIFIED_TEMPERATURE:g} "
+        "for clustr, 1 for cross_entropy.")
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -184,6 +197,16 @@ class Objective:
         if margin and self.method == "pgd_at":
             _fail("`certified_margin` applies to `method`=clustr (certified ClusTR) or cross_entropy (the "
                   f"Lipschitz-margin baseline). Received: `method`=pgd_at `certified_margin`={margin}")
+        if self.temperature is not None and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            _fail(f"`temperature` must be a finite number > 0. Received: {self.temperature!r}")
+        if self.temperature is not None and not margin:
+            _fail(f"`temperature` applies to certified training only (`certified_margin` > 0). Received: "
+                  f"`temperature`={self.temperature}")
+        if margin and self.method == "clustr":
+            for name in ("xent_lambda", "logits_xent_lambda", "consistency_lambda"):
+                if getattr(self, name):
+                    _fail(f"`{name}` applies to ClusTR's magnet loss, not to certified ClusTR (`certified_margin` "
+                          f"> 0). Received: `{name}`={getattr(self, name)}")
         for name in ("m", "d", "refresh_every", "pgd_iterations"):
             _positive_int(name, getattr(self, name))
         _positive_int("batch_size", self.batch_size, optional=True)
@@ -216,6 +239,13 @@ class Optimizer:
         None, "Comma-separated epochs where the learning rate is multiplied by --lr_decay; auto = at 1/3 and 2/3 of "
         "--epochs (official: 30,60 of 90); none = constant. Default: none for digits, auto otherwise.", flag_type=str)
     lr_decay: float = setting(0.1, "Learning-rate factor at each milestone.")
+    lr_schedule: str = setting(
+        "milestones", "milestones (--lr_milestones, --lr_decay) or cosine: from --lr down to 0 at the end of the run, "
+        "the end being --cpu_budget_minutes when set (or --lr_horizon_cpu_minutes), else --time_budget_minutes, else "
+        "--epochs.")
+    lr_horizon_cpu_minutes: float | None = setting(
+        None, "--lr_schedule=cosine: the CPU minutes it anneals over, for a run trained in parts (each part with a "
+        "larger --cpu_budget_minutes). Default: --cpu_budget_minutes.")
 
     def __post_init__(self):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -226,6 +256,9 @@ class Optimizer:
                   f"{self.weight_decay!r}")
         if not 0 < self.lr_decay <= 1:
             _fail(f"`lr_decay` must be in (0, 1]. Received: {self.lr_decay!r}")
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.lr_horizon_cpu_minutes is not None and not self.lr_horizon_cpu_minutes > 0:
+            _fail(f"`lr_horizon_cpu_minutes` must be > 0. Received: {self.lr_horizon_cpu_minutes!r}")
         milestones = self.lr_milestones
         if isinstance(milestones, str) and milestones not in ("auto", "none", ""):
             try:
@@ -240,8 +273,14 @@ class Optimizer:
         object.__setattr__(self, "lr_milestones", milestones)
 
     def milestones(self, epochs, dataset):
-        """The milestone epochs (a tuple) of a run of `epochs` on `dataset`."""
+        """The milestone epochs (a tuple) of a run of `epochs` on `dataset` (none with
+        `lr_schedule`=cosine)."""
         value = self.lr_milestones
+        if self.lr_schedule == "cosine":
+            if value not in (None, "none", "", ()):
+                _fail(f"`lr_milestones` applies to `lr_schedule`=milestones. Received: `lr_schedule`=cosine "
+                      f"`lr_milestones`={value!r}")
+            return ()
         if value is None:
             value = "none" if dataset == "digits" else "auto"
         if value == "auto":

@@ -46,6 +46,10 @@ class ClusterCenters(keras.layers.Layer):
             looks at (official: 10 for training, 20 for evaluation). `None` means all.
         centers_initializer: initializer of the [C*K, D] centers, used until the first
             cluster refresh assigns them.
+        trainable_centers: bool. False (ClusTR): the centers are assigned by the cluster
+            refresh, never by the optimizer. True (certified ClusTR,
+            `objectives.CertifiedClusTR`): they are trainable weights that the optimizer
+            moves with the backbone.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -72,6 +76,7 @@ class ClusterCenters(keras.layers.Layer):
         clusters_per_class=config.CLUSTERS_PER_CLASS,
         neighbours=None,
         centers_initializer="random_normal",
+        trainable_centers=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -90,6 +95,7 @@ class ClusterCenters(keras.layers.Layer):
         self.clusters_per_class = clusters_per_class
         self.neighbours = neighbours
         self.centers_initializer = keras.initializers.get(centers_initializer)
+        self.trainable_centers = bool(trainable_centers)
         self.input_spec = keras.layers.InputSpec(ndim=2)
 
     @property
@@ -108,8 +114,9 @@ class ClusterCenters(keras.layers.Layer):
             name="centers",
             shape=(self.num_clusters, dim),
             initializer=self.centers_initializer,
-            trainable=False,
-            aggregation="only_first_replica",
+            trainable=self.trainable_centers,
+            # Trainable: updated by the optimizer like any weight; else assigned by the refresh.
+            **({} if self.trainable_centers else {"aggregation": "only_first_replica"}),
         )
         self.variance = self.add_weight(
             name="variance",
@@ -206,4 +213,5 @@ class ClusterCenters(keras.layers.Layer):
             "clusters_per_class": self.clusters_per_class,
             "neighbours": self.neighbours,
             "centers_initializer": keras.initializers.serialize(self.centers_initializer),
+            "trainable_centers": self.trainable_centers,
         }

@@ -216,6 +216,8 @@ class ClusTRModel(Classifier):
         num_classes: int, C.
         clusters_per_class: int, K (official: 2).
         neighbours: int, L of the soft-kNC rule (official: 10 in training).
+        trainable_centers: bool, whether the optimizer trains the centers (certified
+            ClusTR, `objectives.CertifiedClusTR`) instead of the cluster refresh.
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Call arguments:
@@ -239,7 +241,7 @@ class ClusTRModel(Classifier):
     """
 
     def __init__(self, backbone, num_classes, clusters_per_class=config.CLUSTERS_PER_CLASS,
-                 neighbours=config.NEIGHBOURS, **kwargs):
+                 neighbours=config.NEIGHBOURS, trainable_centers=False, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(backbone, keras.layers.Layer):
             raise TypeError(
@@ -248,8 +250,8 @@ class ClusTRModel(Classifier):
         self.backbone = backbone
         # The head always computes in float32: squared distances overflow float16.
         self.cluster_centers = layers.ClusterCenters(
-            num_classes, clusters_per_class, neighbours, name="cluster_centers", dtype="float32"
-        )
+            num_classes, clusters_per_class, neighbours, trainable_centers=trainable_centers, name="cluster_centers",
+            dtype="float32")
         if backbone.built and getattr(backbone, "inputs", None):
             self.build(tuple(backbone.inputs[0].shape))
 
@@ -316,6 +318,7 @@ class ClusTRModel(Classifier):
             "num_classes": layer.num_classes,
             "clusters_per_class": layer.clusters_per_class,
             "neighbours": layer.neighbours,
+            "trainable_centers": layer.trainable_centers,
         }
 
     @classmethod

@@ -71,4 +71,5 @@ from clustr_tf.data.registry import class_names
 from clustr_tf.data.registry import info
 from clustr_tf.data.registry import load
 from clustr_tf.data.registry import load_arrays
+from clustr_tf.data.registry import split_holdout
 from clustr_tf.data.tfds_sources import Mirror

@@ -1,6 +1,7 @@
 """The registry: one `base.Source` per dataset name, and the public functions that look a
 dataset up and load it (`info`, `class_names`, `load`, `load_arrays`, `augmentation`)."""
 
+import numpy as np
 import tensorflow as tf  # noqa: F401: the doctests use it
 
 from clustr_tf.data import augment
@@ -218,3 +219,28 @@ def augmentation(name):
     if not _source(name).augment:
         return None
     return augment.random_crop_and_flip
+
+
+HOLDOUT_SEED = 20211122  # one fixed choice of held-out examples, whatever a run's --seed
+
+
+def split_holdout(labels, examples):
+    """Splits a training set into what a run trains on and `examples` held-out examples.
+
+    The held-out examples are a fixed seeded choice (`HOLDOUT_SEED`): every run with the
+    same `examples` holds out the same ones, so hyperparameters can be tuned on them
+    instead of on the test split (`--holdout_examples`, benchmarks/certified.py's sweep).
+
+    Args:
+        labels: int array [N].
+        examples: int in [0, N): how many to hold out.
+
+    Returns:
+        `(train, holdout)`: sorted int64 index arrays.
+    """
+    n = len(labels)
+    if isinstance(examples, bool) or not isinstance(examples, (int, np.integer)) or not 0 <= examples < n:
+        raise ValueError(f"`holdout_examples` must be an int in [0, {n}) (the training examples). "
+                         f"Received: {examples!r}")
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(n)
+    return np.sort(order[examples:]), np.sort(order[:examples])

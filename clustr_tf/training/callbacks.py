@@ -78,6 +78,44 @@ class TrainingClock(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class CosineLearningRate(keras.callbacks.Callback):
+    """`--lr_schedule=cosine`: the learning rate falls from `base` to 0 along a half cosine
+    over the run, set before every step from the fraction of the run done: the CPU
+    seconds of training (summed over restarts, this epoch's included) over `cpu_seconds`,
+    else the wall seconds over `wall_seconds`, else the optimizer's steps over
+    `total_steps`. Past the end it stays 0. Place it before `TrainingClock` (which adds
+    each finished epoch to the state).
+
+    Args:
+        base: float, the initial learning rate.
+        state: the run's `state.TrainingState` (its `elapsed` and `elapsed_cpu`).
+        total_steps: int, the steps of the whole run (epochs x steps per epoch).
+        cpu_seconds, wall_seconds: the horizon in CPU or wall seconds, or None.
+    """
+
+    def __init__(self, base, state, total_steps, cpu_seconds=None, wall_seconds=None):
+        super().__init__()
+        self.base, self.state, self.total_steps = float(base), state, max(int(total_steps), 1)
+        self.cpu_seconds, self.wall_seconds = cpu_seconds, wall_seconds
+        self._start, self._start_cpu = time.time(), time.process_time()
+
+    def fraction(self):
+        """The fraction of the run done, in [0, 1]."""
+        if self.cpu_seconds:
+            done = float(self.state.elapsed_cpu.numpy()) + time.process_time() - self._start_cpu
+            return min(done / self.cpu_seconds, 1.0)
+        if self.wall_seconds:
+            done = float(self.state.elapsed.numpy()) + time.time() - self._start
+            return min(done / self.wall_seconds, 1.0)
+        return min(int(self.model.optimizer.iterations.numpy()) / self.total_steps, 1.0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._start_cpu = time.time(), time.process_time()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.optimizer.learning_rate = self.base * 0.5 * (1.0 + math.cos(math.pi * self.fraction()))
+
+
 class StateCheckpoint(keras.callbacks.Callback):
     """Saves the `state.TrainingState`: at the start of a new run (after the objective's
     first cluster refresh), every `every_steps` steps inside an epoch, and at each epoch's

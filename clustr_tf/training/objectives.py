@@ -38,9 +38,11 @@ from clustr_tf import checks
 from clustr_tf.core import clustering
 from clustr_tf import config
 from clustr_tf.training import consistency
+from clustr_tf.training.certified import CertifiedClusTR  # noqa: F401  (an objective of this module)
+from clustr_tf.training.certified import CertifiedMargin
+from clustr_tf.training.certified import margin_logits
 from clustr_tf.core.interfaces import Objective
 from clustr_tf.core.interfaces import Result
-from clustr_tf.nets import lipschitz
 from clustr_tf.core import losses
 from clustr_tf.core import models
 from clustr_tf.core import ops
@@ -51,30 +53,7 @@ def _accuracy(logits, labels):
     return tf.cast(tf.argmax(logits, -1) == labels, tf.float32)
 
 
-class _CertifiedMargin:
-    """The certified-margin setting an objective shares: `certified_margin` (an l2 radius in
-    pixels, 0: off) and the exact Lipschitz bound of the backbone it is trained on."""
-
-    def _init_margin(self, certified_margin):
-        self.certified_margin = checks.l2_radius("certified_margin", certified_margin)
-
-    def feature_margin(self, model):
-        """The certified margin in feature units: `certified_margin` times the backbone's
-        bound by construction (`lipschitz.construction_bound`), which raises
-        `lipschitz.NotLipschitzByConstructionError` for a backbone without one. (Read when
-        the step is traced, not at every step.)"""
-        if not self.certified_margin:
-            return 0.0
-        return self.certified_margin * lipschitz.construction_bound(model.backbone)
-
-    def check_model(self, model):
-        """Raises for a model of another class, or one this objective cannot
-        certify-train (no exact bound)."""
-        Objective.check_model(self, model)
-        self.feature_margin(model)
-
-
-class CrossEntropy(_CertifiedMargin, Objective):
+class CrossEntropy(CertifiedMargin, Objective):
     """A softmax classifier (a linear head on the backbone) trained with cross-entropy.
 
     Args:
@@ -83,12 +62,14 @@ class CrossEntropy(_CertifiedMargin, Objective):
             class j other than the label y (Tsuzuku et al., NeurIPS 2018, with the pairwise
             head norms of Leino et al.'s GloRo, ICML 2021), L the backbone's bound by
             construction: a zero loss certifies the head's decision at radius eps.
+        temperature: T, the logits are divided by it (with `certified_margin`: the offset
+            cross-entropy of Prach et al., CVPR 2024).
     """
 
     model_class = baselines.SoftmaxClassifier
 
-    def __init__(self, certified_margin=0.0):
-        self._init_margin(certified_margin)
+    def __init__(self, certified_margin=0.0, temperature=1.0):
+        self._init_margin(certified_margin, temperature)
 
     def batches(self, images, labels, num_classes, seed=0, batch_size=240):
         """Shuffled batches (`baselines.BatchSource`)."""
@@ -110,19 +91,8 @@ class CrossEntropy(_CertifiedMargin, Objective):
         logits = tf.cast(model(inputs, training=True), tf.float32)
         margin = self.feature_margin(model)
         trained = margin_logits(logits, labels, model.head.kernel, margin) if margin else logits
-        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, trained)
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, trained / self.temperature)
         return Result(loss, {"accuracy": _accuracy(logits, labels)}, None)
-
-
-def margin_logits(logits, labels, kernel, feature_margin):
-    """Lipschitz-margin logits: z_j + r ||w_j - w_y|| for j != y (z_y unchanged), r the
-    margin in feature units; the worst logits a feature displacement of norm r can give."""
-    kernel = tf.cast(kernel, tf.float32)  # [D, C]
-    columns = tf.transpose(kernel)
-    gaps = ops.pairwise_distances(columns, columns)  # [C, C]
-    own = tf.gather(gaps, labels)  # [B, C]: ||w_y - w_j||
-    other = tf.one_hot(labels, tf.shape(logits)[-1], on_value=0.0, off_value=1.0)
-    return logits + float(feature_margin) * own * other
 
 
 class PGDAT(CrossEntropy):
@@ -141,7 +111,7 @@ class PGDAT(CrossEntropy):
         return baselines.pgd_perturbation(model, images, labels, self.eps, self.step, self.iterations, seed)
 
 
-class ClusTR(_CertifiedMargin, Objective):
+class ClusTR(CertifiedMargin, Objective):
     """ClusTR: the magnet loss on neighbourhood batches, with its optional terms (see
     `per_example_objective`), on a `models.ClusTRModel`.
 
@@ -313,7 +283,10 @@ def from_config(objective, model):
     """The objective of a run's `config.Objective` section (`method` and its settings),
     with the `config.Model` section's K and L for ClusTR."""
     if objective.method == "cross_entropy":
-        return CrossEntropy(certified_margin=objective.certified_margin)
+        return CrossEntropy(certified_margin=objective.certified_margin, temperature=objective.temperature or 1.0)
+    if objective.certified_margin:
+        return CertifiedClusTR(objective.certified_margin, clusters_per_class=model.k, neighbours=model.L,
+                               temperature=objective.temperature or config.CERTIFIED_TEMPERATURE)
     if objective.method == "pgd_at":
         return PGDAT(objective.pgd_eps, objective.pgd_step, objective.pgd_iterations)
     return ClusTR(clusters_per_class=model.k, neighbours=model.L, m=objective.m, d=objective.d, alpha=objective.alpha,

@@ -92,7 +92,7 @@ def optimizer_of(config, steps):
 
 def train(model, batches, model_dir, epochs, steps_per_epoch, test=None, eval_neighbours=None,
           eval_batch_size=256, checkpoint_every_steps=100, time_budget_seconds=None, cpu_budget_seconds=None,
-          augment=None, seed=0, callbacks=(), verbose=1):
+          augment=None, seed=0, callbacks=(), verbose=1, cosine_lr=None, lr_horizon_cpu_seconds=None):
     """Trains a compiled model in a run directory, resuming what is saved there.
 
     Restores the `state.TrainingState` of `model_dir` (model, optimizer, position, clocks,
@@ -116,6 +116,10 @@ def train(model, batches, model_dir, epochs, steps_per_epoch, test=None, eval_ne
         augment: optional batch augmentation `augment(images, seed)`.
         seed: int, seeds the cluster refresh.
         callbacks: more Keras callbacks.
+        cosine_lr: None, or the initial learning rate of a cosine schedule that reaches 0
+            at the end of the run (`callbacks.CosineLearningRate`): at
+            `lr_horizon_cpu_seconds`, else at the CPU budget, else at the wall budget, else
+            after `epochs`.
         verbose: Keras's verbosity on the chief.
 
     Returns:
@@ -139,6 +143,10 @@ def train(model, batches, model_dir, epochs, steps_per_epoch, test=None, eval_ne
         run_callbacks.append(callbacks_lib.TestAccuracy(test, model.objective.validation_metrics, eval_neighbours,
                                                         eval_batch_size))
     run_callbacks += list(callbacks)
+    if cosine_lr:
+        run_callbacks.append(callbacks_lib.CosineLearningRate(
+            cosine_lr, state, epochs * steps_per_epoch, cpu_seconds=lr_horizon_cpu_seconds or cpu_budget_seconds,
+            wall_seconds=time_budget_seconds))
     run_callbacks.append(callbacks_lib.TrainingClock(state, time_budget_seconds, cpu_budget_seconds))
     run_callbacks.append(callbacks_lib.StateCheckpoint(state, steps_per_epoch, checkpoint_every_steps))
     run_callbacks.append(keras.callbacks.TerminateOnNaN())
@@ -196,6 +204,12 @@ def run(config):
     info = data.info(d.dataset, data_dir=d.data_dir)
     images, labels = data.load_arrays(d.dataset, "train", data_dir=d.data_dir, download=d.download,
                                       dtype="float32" if d.dataset == "digits" else "uint8", mirror=d.data_mirror)
+    if d.holdout_examples:
+        try:
+            keep, _ = data.split_holdout(labels, d.holdout_examples)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        images, labels = images[keep], labels[keep]
     logging.info("%s: %d training images of shape %s", d.dataset, len(images), images.shape[1:])
     objective = objectives.from_config(o, m)
     batches = objective.batches(images, labels, info.num_classes, seed=r.seed, batch_size=o.batch_size)
@@ -214,7 +228,10 @@ def run(config):
         eval_batch_size=r.eval_batch_size, checkpoint_every_steps=r.checkpoint_every_steps,
         time_budget_seconds=r.time_budget_minutes * 60 if r.time_budget_minutes else None,
         cpu_budget_seconds=r.cpu_budget_minutes * 60 if r.cpu_budget_minutes else None,
-        augment=data.augmentation(d.dataset) if d.augment else None, seed=r.seed)
+        augment=data.augmentation(d.dataset) if d.augment else None, seed=r.seed,
+        cosine_lr=config.optimizer.lr if config.optimizer.lr_schedule == "cosine" else None,
+        lr_horizon_cpu_seconds=config.optimizer.lr_horizon_cpu_minutes * 60
+        if config.optimizer.lr_horizon_cpu_minutes else None)
     train_seconds = time.time() - start
     # Test accuracy in float32, as training/evaluate.py and the export compute by default.
     precision.set_precision(model, "float32")
@@ -224,7 +241,7 @@ def run(config):
         metrics.update({"nearest_center_accuracy": None, "agreement": None})
     metrics.update({
         "split": "test", "mixed_precision": r.mixed_precision, "eval_precision": "float32", "dataset": d.dataset,
-        "method": o.method, "eval_L": m.eval_L, "epochs": r.epochs,
+        "method": o.method, "eval_L": m.eval_L, "epochs": r.epochs, "holdout_examples": d.holdout_examples,
         "epochs_trained": int(state.epoch.numpy()),
         "train_time_seconds": round(float(state.elapsed.numpy()), 2),
         "train_cpu_seconds": round(float(state.elapsed_cpu.numpy()), 2),

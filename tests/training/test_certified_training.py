@@ -21,6 +21,7 @@ from clustr_tf import config as config_lib
 from clustr_tf import lipschitz
 from clustr_tf import losses
 from clustr_tf import objectives
+from clustr_tf.core import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -103,10 +104,228 @@ class MarginLossTest(parameterized.TestCase):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def _direct_certificate_loss(features, centers, labels, k, margin, temperature):
+    """Certified ClusTR's loss written out in float64: cross-entropy over logits / T with
+    logit_y = -||z - mu_i||^2 (i the nearest center of y) and, for c != y,
+    max over c's centers k of -||z - mu_k||^2 + 2 margin ||mu_i - mu_k||."""
+    features, centers = np.asarray(features, np.float64), np.asarray(centers, np.float64)
+    out, certified = [], []
+    for z, y in zip(features, labels):
+        d = ((z - centers) ** 2).sum(-1)
+        i = y * k + int(np.argmin(d[y * k:(y + 1) * k]))
+        logits = []
+        for c in range(len(centers) // k):
+            if c == y:
+                logits.append(-d[i])
+            else:
+                logits.append(max(-d[j] + 2 * margin * np.linalg.norm(centers[i] - centers[j])
+                                  for j in range(c * k, (c + 1) * k)))
+        logits = np.array(logits) / temperature
+        out.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[y])
+        certified.append(all(logits[y] > logits[c] for c in range(len(logits)) if c != y))
+    return np.array(out), np.array(certified)
+
+
+def _lipschitz_backbone(shape=(8, 8, 1)):
+    return backbones.get_backbone("lipschitz", shape, mean=0.5)
+
+
+class CertifiedClusTRTest(parameterized.TestCase):
+    @parameterized.parameters((0, 1, 0.0, 1.0), (1, 2, 0.3, 0.25), (2, 3, 1.0, 4.0))
+    def test_loss_is_the_formula_and_its_certified_examples_are_certified(self, seed, k, margin, temperature):
+        from clustr_tf.training import certified
+
+        rng = np.random.default_rng(seed)
+        classes, dim, n = 4, 5, 40
+        centers = rng.normal(size=(classes * k, dim)) * 2
+        labels = rng.integers(0, classes, size=n)
+        features = centers[labels * k + rng.integers(0, k, size=n)] + rng.normal(size=(n, dim)) * 0.7
+        expected, expected_certified = _direct_certificate_loss(features, centers, labels, k, margin, temperature)
+        c32, f32 = tf.constant(centers, tf.float32), tf.constant(features, tf.float32)
+        distances = ops.pairwise_squared_distances(f32, c32)
+        logits, own = certified.certificate_logits(distances, c32, tf.constant(labels), k, margin)
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits / temperature).numpy()
+        np.testing.assert_allclose(loss, expected, rtol=1e-4, atol=1e-4)
+        got_certified = np.argmax(logits.numpy(), -1) == labels
+        np.testing.assert_array_equal(got_certified, expected_certified)
+        # Certified by the logits <=> the float64 certificate says correct with radius > margin.
+        radius, predicted, _ = certify.feature_radius(features, centers, k)
+        by_certificate = (predicted.numpy() == labels) & (radius.numpy() > margin)
+        np.testing.assert_array_equal(got_certified, by_certificate)
+        self.assertGreater(by_certificate.sum(), 0)
+        if margin:
+            self.assertLess(by_certificate.sum(), n)
+        self.assertEqual(own.shape, (n,))
+
+    def test_a_zero_loss_certifies_the_batch_at_the_training_radius(self):
+        """Features near centers far apart, a small temperature: the loss is ~0, and the
+        float64 certificate certifies every example at the training radius."""
+        from clustr_tf.training import certified
+
+        rng = np.random.default_rng(3)
+        k, margin = 2, 0.5
+        centers = rng.normal(size=(6, 4)) * 10
+        labels = np.repeat(np.arange(3), 8)
+        features = centers[labels * k + np.tile([0, 1], 12)] + rng.normal(size=(24, 4)) * 0.05
+        c32, f32 = tf.constant(centers, tf.float32), tf.constant(features, tf.float32)
+        logits, _ = certified.certificate_logits(ops.pairwise_squared_distances(f32, c32), c32, labels, k, margin)
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits / 0.05).numpy()
+        self.assertLess(loss.max(), 1e-6)
+        radius, predicted, _ = certify.feature_radius(features, centers, k)
+        self.assertTrue(np.all(predicted.numpy() == labels))
+        self.assertTrue(np.all(radius.numpy() > margin))
+
+    def test_gradients_reach_backbone_and_centers_and_the_variance_follows(self):
+        objective = objectives.CertifiedClusTR(0.5, clusters_per_class=2, neighbours=4)
+        model = objective.build_model(_lipschitz_backbone(), 3)
+        self.assertTrue(model.cluster_centers.trainable_centers)
+        self.assertIn(model.cluster_centers.centers.path, [v.path for v in model.trainable_variables])
+        rng = np.random.default_rng(0)
+        images = tf.constant(rng.uniform(size=(12, 8, 8, 1)), tf.float32)
+        targets = {"labels": tf.constant(np.arange(12) % 3, tf.int64)}
+        before = float(model.cluster_centers.variance.numpy())
+        with tf.GradientTape() as tape:
+            result = objective.losses(model, images, targets, None)
+            loss = tf.reduce_mean(result.losses)
+        center_grad, backbone_grads = tape.gradient(
+            loss, [model.cluster_centers.centers, model.backbone.trainable_variables])
+        self.assertGreater(float(tf.norm(center_grad)), 0)
+        self.assertTrue(backbone_grads and all(g is not None for g in backbone_grads))
+        self.assertTrue(any(float(tf.norm(g)) > 0 for g in backbone_grads))
+        self.assertNotEqual(float(model.cluster_centers.variance.numpy()), before)
+        self.assertEqual(set(result.metrics), set(objective.metric_names))
+
+    def test_bfloat16_keeps_the_head_and_loss_in_float32(self):
+        from clustr_tf import precision
+
+        with precision.policy_scope("bfloat16"):
+            backbone = _lipschitz_backbone()
+        objective = objectives.CertifiedClusTR(0.5, clusters_per_class=2, neighbours=4)
+        model = objective.build_model(backbone, 3)
+        images = tf.constant(np.random.default_rng(0).uniform(size=(6, 8, 8, 1)), tf.float32)
+        result = objective.losses(model, images, {"labels": tf.constant([0, 1, 2, 0, 1, 2], tf.int64)}, None)
+        self.assertEqual(result.losses.dtype, tf.float32)
+        self.assertEqual(model.cluster_centers.centers.dtype, "float32")
+        self.assertEqual(model.cluster_centers.compute_dtype, "float32")
+
+    def test_fit_starts_the_centers_on_the_data_and_saves_them_trainable(self):
+        from clustr_tf import data
+
+        images, labels = data.load_arrays("digits", "train")
+        images, labels = images[:240], labels[:240]
+        objective = objectives.CertifiedClusTR(0.5, clusters_per_class=2, neighbours=4)
+        model = objective.build_model(backbones.get_backbone("lipschitz", images.shape[1:], mean=0.5), 10)
+        batches = objective.batches(images, labels, 10, seed=0, batch_size=60)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), objective=objective)
+        initial = model.cluster_centers.centers.numpy().copy()
+        init = objective.callbacks(batches)[0]
+        init.set_model(model)
+        init.on_train_begin()
+        started = model.cluster_centers.centers.numpy().copy()
+        self.assertFalse(np.allclose(initial, started))
+        # Each center is the mean of examples of its class: the nearest-center rule is good at once.
+        features = model.embed(images).numpy()
+        self.assertGreater(np.mean(model.certify_features(features)[1] == labels), 0.5)
+        history = model.fit(batches.dataset(), steps_per_epoch=4, epochs=2, verbose=0)
+        self.assertIn("certified_accuracy", history.history)
+        self.assertFalse(np.allclose(model.cluster_centers.centers.numpy(), started))
+        self.assertEqual(objective.callbacks(batches, resumed=True), [])
+        path = os.path.join(_tempdir(self), "model.keras")
+        model.save(path)
+        loaded = keras.saving.load_model(path)
+        self.assertTrue(loaded.cluster_centers.trainable_centers)
+        np.testing.assert_array_equal(loaded.cluster_centers.centers.numpy(), model.cluster_centers.centers.numpy())
+
+    def test_settings_are_checked(self):
+        for bad in (0.0, -1.0, float("nan")):
+            with self.assertRaisesRegex(ValueError, "certified_margin"):
+                objectives.CertifiedClusTR(bad)
+        for bad in (0, -1, float("inf"), "1"):
+            with self.assertRaisesRegex(ValueError, "`temperature` must be a finite number > 0"):
+                objectives.CertifiedClusTR(0.5, temperature=bad)
+        model = objectives.ClusTR(neighbours=4).build_model(_lipschitz_backbone(), 3)
+        with self.assertRaisesRegex(ValueError, "trainable_centers=True"):
+            objectives.CertifiedClusTR(0.5).check_model(model)
+        with self.assertRaisesRegex(config_lib.ConfigError, "`temperature` applies to certified training only"):
+            config_lib.Objective(temperature=0.5)
+        with self.assertRaisesRegex(config_lib.ConfigError, "`consistency_lambda` applies to ClusTR's magnet loss"):
+            config_lib.Objective(certified_margin=0.5, consistency_lambda=8.0)
+        chosen = objectives.from_config(config_lib.Objective(certified_margin=0.5, temperature=0.5),
+                                        config_lib.Model(backbone="lipschitz", k=3))
+        self.assertIsInstance(chosen, objectives.CertifiedClusTR)
+        self.assertEqual((chosen.temperature, chosen.clusters_per_class), (0.5, 3))
+        self.assertEqual(objectives.from_config(config_lib.Objective(certified_margin=0.5),
+                                                config_lib.Model()).temperature, config_lib.CERTIFIED_TEMPERATURE)
+        baseline = objectives.from_config(config_lib.Objective(method="cross_entropy", certified_margin=0.5),
+                                          config_lib.Model())
+        self.assertEqual(baseline.temperature, 1.0)
+
+
+class RecipeTest(absltest.TestCase):
+    def test_cosine_learning_rate_falls_to_zero_over_steps_cpu_or_wall_time(self):
+        from clustr_tf.training import callbacks
+
+        class State:
+            elapsed = tf.Variable(0.0, dtype=tf.float64)
+            elapsed_cpu = tf.Variable(0.0, dtype=tf.float64)
+
+        model = keras.Sequential([keras.layers.Dense(1)])
+        model.optimizer = keras.optimizers.Adam(0.1)
+        model.optimizer.build(model.trainable_variables)
+        schedule = callbacks.CosineLearningRate(0.1, State(), total_steps=10)
+        schedule.set_model(model)
+        rates = []
+        for step in range(12):
+            model.optimizer.iterations.assign(step)
+            schedule.on_train_batch_begin(step)
+            rates.append(float(model.optimizer.learning_rate.numpy()))
+        np.testing.assert_allclose(rates[:11], [0.05 * (1 + np.cos(np.pi * s / 10)) for s in range(11)], atol=1e-7)
+        self.assertEqual(rates[11], 0.0)  # past the end it stays 0
+        state = State()
+        state.elapsed_cpu.assign(30.0)  # half of the CPU horizon spent in earlier epochs
+        by_cpu = callbacks.CosineLearningRate(0.1, state, total_steps=10, cpu_seconds=60.0)
+        by_cpu.set_model(model)
+        by_cpu.on_epoch_begin(0)
+        self.assertAlmostEqual(by_cpu.fraction(), 0.5, delta=0.01)
+        state.elapsed.assign(100.0)
+        by_wall = callbacks.CosineLearningRate(0.1, state, total_steps=10, wall_seconds=50.0)
+        by_wall.set_model(model)
+        self.assertEqual(by_wall.fraction(), 1.0)
+
+    def test_lr_schedule_settings(self):
+        cfg = config_lib.RunConfig(optimizer=config_lib.Optimizer(lr_schedule="cosine"),
+                                   runtime=config_lib.Runtime(model_dir=_tempdir(self)))
+        self.assertEqual(cfg.optimizer.lr_milestones, ())
+        with self.assertRaisesRegex(config_lib.ConfigError, "`lr_milestones` applies to `lr_schedule`=milestones"):
+            config_lib.RunConfig(optimizer=config_lib.Optimizer(lr_schedule="cosine", lr_milestones="3,6"),
+                                 runtime=config_lib.Runtime(model_dir=_tempdir(self)))
+        with self.assertRaisesRegex(config_lib.ConfigError, "lr_schedule"):
+            config_lib.Optimizer(lr_schedule="linear")
+        with self.assertRaisesRegex(config_lib.ConfigError, "`lr_horizon_cpu_minutes` must be > 0"):
+            config_lib.Optimizer(lr_horizon_cpu_minutes=0)
+
+    def test_holdout_is_one_fixed_choice_and_is_checked(self):
+        from clustr_tf import data
+
+        labels = np.arange(100) % 10
+        train, held = data.split_holdout(labels, 20)
+        again, held_again = data.split_holdout(labels, 20)
+        np.testing.assert_array_equal(held, held_again)
+        np.testing.assert_array_equal(train, again)
+        self.assertEqual(len(held), 20)
+        self.assertEqual(sorted(np.concatenate([train, held])), list(range(100)))
+        for bad in (-1, 100, 2.0, True):
+            with self.assertRaisesRegex(ValueError, r"`holdout_examples` must be an int in \[0, 100\)"):
+                data.split_holdout(labels, bad)
+        with self.assertRaisesRegex(config_lib.ConfigError, "`holdout_examples` must be an int >= 0"):
+            config_lib.Data(holdout_examples=-3)
+
+
 class NeedsAnExactBoundTest(absltest.TestCase):
     def test_objectives_refuse_a_backbone_without_a_bound_by_construction(self):
         backbone = backbones.small_convnet((8, 8, 1), width=8, embedding_dim=8)
-        for objective in (objectives.ClusTR(certified_margin=0.5), objectives.CrossEntropy(certified_margin=0.5)):
+        for objective in (objectives.ClusTR(certified_margin=0.5), objectives.CrossEntropy(certified_margin=0.5),
+                          objectives.CertifiedClusTR(0.5)):
             with self.assertRaises(lipschitz.NotLipschitzByConstructionError):
                 objective.build_model(backbone, 10)
         # Without a margin nothing is asked of the backbone.
