@@ -25,44 +25,83 @@ BMVC 2021, arXiv:2006.07682):
 - `clustr_tf.attacks.pgd`: CleverHans PGD with the official, logits and margin losses.
 
 Importing the package registers every serializable object, so `.keras` files load with
-`keras.saving.load_model` after `import clustr_tf`.
+`keras.saving.load_model` after `import clustr_tf`. Two cases import only what is asked
+for, each module on first use (`clustr_tf.models` and the like still work):
+
+- TensorFlow is not installed: the TensorFlow-free modules work (`config`,
+  `config_flags`, `checks`, `cli`, `serving.client`, `serving.versions`);
+- the environment variable CLUSTR_TF_DEFER_IMPORTS=1 at import time (the binaries set it,
+  so that they parse and check their flags before TensorFlow loads, then call
+  `clustr_tf.load_all()`). The variable is removed when read: processes started later
+  import the package as usual.
 """
 
-# The library by concept (each subpackage's docstring says what it holds):
-from clustr_tf import config
-from clustr_tf import core
-from clustr_tf import data
-from clustr_tf import nets
-from clustr_tf import robustness
-from clustr_tf import serving
-from clustr_tf import training
-
-# Their modules under the names users write (`from clustr_tf import models, objectives`):
-from clustr_tf.core import baselines
-from clustr_tf.core import certify
-from clustr_tf.core import clustering
-from clustr_tf.core import interfaces
-from clustr_tf.core import layers
-from clustr_tf.core import losses
-from clustr_tf.core import models
-from clustr_tf.core import sampler
-from clustr_tf.core import sampling
-from clustr_tf.nets import aol_layers
-from clustr_tf.nets import backbones
-from clustr_tf.nets import lipschitz
-from clustr_tf.nets import lipschitz_layers
-from clustr_tf.nets import precision
-from clustr_tf.robustness import attacks
-from clustr_tf.robustness import evaluation
-from clustr_tf.training import consistency
-from clustr_tf.training import distribute
-from clustr_tf.training import objectives
-
-from clustr_tf.core.clustering import ClusterRefresh
-from clustr_tf.core.layers import ClusterCenters
-from clustr_tf.core.losses import MagnetLoss
-from clustr_tf.core.losses import magnet_loss
-from clustr_tf.core.models import ClusTRModel
-from clustr_tf.core.sampler import NeighbourhoodSampler
+import importlib
+import importlib.util
+import os
 
 __version__ = "0.1.0"
+
+# The library by concept (each subpackage's docstring says what it holds), then their
+# modules under the names users write (`from clustr_tf import models, objectives`).
+_SUBPACKAGES = ("config", "core", "data", "nets", "robustness", "serving", "training")
+_MODULES = {
+    "baselines": "clustr_tf.core.baselines",
+    "certify": "clustr_tf.core.certify",
+    "clustering": "clustr_tf.core.clustering",
+    "interfaces": "clustr_tf.core.interfaces",
+    "layers": "clustr_tf.core.layers",
+    "losses": "clustr_tf.core.losses",
+    "models": "clustr_tf.core.models",
+    "sampler": "clustr_tf.core.sampler",
+    "sampling": "clustr_tf.core.sampling",
+    "aol_layers": "clustr_tf.nets.aol_layers",
+    "backbones": "clustr_tf.nets.backbones",
+    "lipschitz": "clustr_tf.nets.lipschitz",
+    "lipschitz_layers": "clustr_tf.nets.lipschitz_layers",
+    "precision": "clustr_tf.nets.precision",
+    "attacks": "clustr_tf.robustness.attacks",
+    "evaluation": "clustr_tf.robustness.evaluation",
+    "consistency": "clustr_tf.training.consistency",
+    "distribute": "clustr_tf.training.distribute",
+    "objectives": "clustr_tf.training.objectives",
+}
+_NAMES = {
+    "ClusterRefresh": "clustr_tf.core.clustering",
+    "ClusterCenters": "clustr_tf.core.layers",
+    "MagnetLoss": "clustr_tf.core.losses",
+    "magnet_loss": "clustr_tf.core.losses",
+    "ClusTRModel": "clustr_tf.core.models",
+    "NeighbourhoodSampler": "clustr_tf.core.sampler",
+}
+__all__ = [*_SUBPACKAGES, *_MODULES, *_NAMES, "load_all"]
+
+
+def __getattr__(name):
+    """Imports a subpackage, module or name on first use (PEP 562)."""
+    if name in _SUBPACKAGES:
+        value = importlib.import_module(f"clustr_tf.{name}")
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    else:
+        raise AttributeError(f"module 'clustr_tf' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+def load_all():
+    """Imports every module (TensorFlow included), which registers every serializable
+    object with Keras; what `import clustr_tf` does unless it was deferred."""
+    from clustr_tf import config, core, data, nets, robustness, serving, training  # noqa: F401,PLC0415
+    for name in __all__[:-1]:
+        __getattr__(name)
+
+
+if os.environ.pop("CLUSTR_TF_DEFER_IMPORTS", "") != "1" and importlib.util.find_spec("tensorflow") is not None:
+    load_all()

@@ -61,6 +61,7 @@ METHODS = ("clustr", "cross_entropy", "pgd_at")
 CONSISTENCY_FORMS = ("official", "kl")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("milestones", "cosine")
+ATTACK_LOSSES = ("official", "logits", "margin")  # the losses of `attacks.LOSSES` (training/evaluate.py --losses)
 MIXED_PRECISIONS = ("float16", "bfloat16")
 
 

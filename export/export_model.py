@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -44,7 +43,9 @@ def load_run(model_dir):
         raise ExportError(f"No model.keras in --model_dir (has training finished?). Received: {model_dir}")
     import keras
 
-    import clustr_tf  # noqa: F401  (registers the model classes)
+    import clustr_tf
+
+    clustr_tf.load_all()  # registers the model classes (the binary deferred the library's imports)
 
     try:
         model = keras.saving.load_model(path)
@@ -96,22 +97,23 @@ def run(f):
 
 
 def main(argv):
+    from clustr_tf import cli
+
     if len(argv) > 1:
-        sys.stderr.write(f"export_model.py: error: unexpected arguments: {' '.join(argv[1:])}\n")
-        sys.exit(2)
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     from clustr_tf.serving import ExportError
 
     try:
         path = run(flags.FLAGS)
     except ExportError as e:
-        sys.stderr.write(f"export_model.py: error: {e}\n")
-        sys.exit(2)
+        cli.fail(e, 2)
     print(path)
 
 
 def console_main():
     """The `clustr-export` command of the pip package (pyproject.toml)."""
+    os.environ["CLUSTR_TF_DEFER_IMPORTS"] = "1"  # flags parsed and checked before TensorFlow loads
     from clustr_tf import cli
 
     cli.start(main, define_flags, __name__)
@@ -119,5 +121,4 @@ def console_main():
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    define_flags()
-    app.run(main)
+    console_main()

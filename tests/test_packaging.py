@@ -31,6 +31,7 @@ COMMANDS = {
     "clustr-train": "clustr_tf_cli.training.main:console_main",
     "clustr-evaluate": "clustr_tf_cli.training.evaluate:console_main",
     "clustr-export": "clustr_tf_cli.export.export_model:console_main",
+    "clustr-client": "clustr_tf_cli.export.client:console_main",
 }
 # Packages of this project that other code imports, and the folders they live in.
 PROJECT_PACKAGES = ("clustr_tf", "export")
@@ -123,7 +124,7 @@ class PipInstallTest(absltest.TestCase):
 
     def test_commands_show_their_flags(self):
         for command, flag in (("clustr-train", "--model_dir"), ("clustr-evaluate", "--num_examples"),
-                              ("clustr-export", "--export_dir")):
+                              ("clustr-export", "--export_dir"), ("clustr-client", "--max_batch_size")):
             run = self._run([os.path.join(self.site, "bin", command), "--help"])
             self.assertIn(run.returncode, (0, 1), run.stderr[-3000:])  # absl's --help exits with 1
             self.assertNotIn("Traceback", run.stderr)
@@ -139,8 +140,13 @@ class PipInstallTest(absltest.TestCase):
                          f"--export_dir={blocker}"])
         self.assertEqual(run.returncode, 2, run.stderr[-3000:])
         self.assertNotIn("Traceback", run.stderr)
-        self.assertEqual(run.stderr.strip().splitlines()[-1],
-                         f"main.py: error: --export_dir exists and is not a directory. Received: {blocker}")
+        # One line under the command's own name, before TensorFlow loads (none of its log lines).
+        self.assertEqual(run.stderr.strip().splitlines(),
+                         [f"clustr-train: error: --export_dir exists and is not a directory. Received: {blocker}"])
+        run = self._run([os.path.join(self.site, "bin", "clustr-evaluate"), "--num_exampels=3"])
+        self.assertEqual(run.returncode, 2, run.stderr[-3000:])
+        self.assertEqual(run.stderr.strip().splitlines(), ["clustr-evaluate: error: Unknown command line flag "
+                                                           "'num_exampels'. Did you mean: num_examples ?"])
 
     def test_metadata_lists_the_dependencies(self):
         metadata = self._dist_info("METADATA")

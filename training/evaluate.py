@@ -16,7 +16,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -78,8 +77,7 @@ def _auto(f, name):
 def config_from_flags(f):
     """The `EvalConfig` of the flags; a flag at `auto` keeps EvalConfig's default here
     (`resolve_auto` replaces it once the model is loaded). EvalError for a bad flag."""
-    from clustr_tf import attacks
-    from clustr_tf import evaluation
+    from clustr_tf import config as config_lib  # no TensorFlow: the flags are checked before it loads
 
     if not f.model_dir:
         raise EvalError("--model_dir is required (a run directory of training/main.py).")
@@ -94,9 +92,9 @@ def config_from_flags(f):
     if not 0 < f.step <= 255:
         raise EvalError(f"--step must be in (0, 255] (1/255 units). Received: {f.step}")
     losses = tuple(v.strip() for v in f.losses.split(",") if v.strip())
-    unknown = [v for v in losses if v not in attacks.LOSSES]
+    unknown = [v for v in losses if v not in config_lib.ATTACK_LOSSES]
     if unknown or not losses:
-        raise EvalError(f"--losses must name some of {', '.join(attacks.LOSSES)}. Received: {f.losses!r}")
+        raise EvalError(f"--losses must name some of {', '.join(config_lib.ATTACK_LOSSES)}. Received: {f.losses!r}")
     subsets = {}
     for name in ("square_eps", "stronger_eps"):
         values = _floats(name, getattr(f, name))
@@ -106,6 +104,8 @@ def config_from_flags(f):
         subsets[name] = tuple(v / 255 for v in values)
     if f.precision not in ("float32", "trained"):
         raise EvalError(f"--precision must be float32 or trained. Received: {f.precision!r}")
+    from clustr_tf import evaluation
+
     return evaluation.EvalConfig(
         square_eps=subsets["square_eps"],
         square_queries=f.square_queries,
@@ -144,7 +144,9 @@ def load_run(model_dir):
     """The run's model and configuration; EvalError when they cannot be used."""
     import keras
 
-    import clustr_tf  # noqa: F401  (registers the model classes)
+    import clustr_tf
+
+    clustr_tf.load_all()  # registers the model classes (the binary deferred the library's imports)
 
     path = os.path.join(model_dir, "model.keras")
     if not os.path.exists(path):
@@ -286,18 +288,19 @@ def run(f):
 
 
 def main(argv):
+    from clustr_tf import cli
+
     if len(argv) > 1:
-        sys.stderr.write(f"evaluate.py: error: unexpected arguments: {' '.join(argv[1:])}\n")
-        sys.exit(2)
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     try:
         run(flags.FLAGS)
     except EvalError as e:
-        sys.stderr.write(f"evaluate.py: error: {e}\n")
-        sys.exit(2)
+        cli.fail(e, 2)
 
 
 def console_main():
     """The `clustr-evaluate` command of the pip package (pyproject.toml)."""
+    os.environ["CLUSTR_TF_DEFER_IMPORTS"] = "1"  # flags parsed and checked before TensorFlow loads
     from clustr_tf import cli
 
     cli.start(main, define_flags, __name__)
@@ -305,5 +308,4 @@ def console_main():
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    define_flags()
-    app.run(main)
+    console_main()

@@ -23,7 +23,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -51,13 +50,17 @@ def legacy_argv(argv):
 
 
 def parse_flags(argv):
-    """absl's flag parsing, with the former boolean `--[no]mixed_precision` still accepted."""
-    return app.parse_flags_with_usage(legacy_argv(argv))
+    """The flags of `argv` (`cli.parse_flags`: one error line, exit status 2), with the former
+    boolean `--[no]mixed_precision` still accepted."""
+    from clustr_tf import cli
+
+    return cli.parse_flags(argv, legacy_argv)
 
 
 def _fail(message, status):
-    sys.stderr.write(f"main.py: error: {message}\n")
-    sys.exit(status)
+    from clustr_tf import cli
+
+    cli.fail(message, status)
 
 
 def main(argv, flag_values=flags.FLAGS):
@@ -66,14 +69,18 @@ def main(argv, flag_values=flags.FLAGS):
         _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     from clustr_tf import config as config_lib
+
+    try:  # the flags, checked before TensorFlow loads
+        config = config_from_flags(flag_values)
+        config.check_paths()  # before anything is written
+    except config_lib.ConfigError as e:  # a flag value that cannot work
+        _fail(e.as_flags(), 2)
     from clustr_tf import data
     from clustr_tf import training
 
     try:
-        config = config_from_flags(flag_values)
-        config.check_paths()  # before anything is written
         metrics = training.run(config)
-    except config_lib.ConfigError as e:  # a flag value that cannot work
+    except config_lib.ConfigError as e:  # a setting found wrong on the way (init_checkpoint, ...)
         _fail(e.as_flags(), 2)
     except (data.DatasetNotFoundError, data.CorruptDatasetError, training.RestoreError,
             training.TrainingDivergedError) as e:
@@ -84,12 +91,12 @@ def main(argv, flag_values=flags.FLAGS):
 
 def console_main():
     """The `clustr-train` command of the pip package (pyproject.toml)."""
+    os.environ["CLUSTR_TF_DEFER_IMPORTS"] = "1"  # flags parsed and checked before TensorFlow loads
     from clustr_tf import cli
 
-    cli.start(main, define_flags, __name__, flags_parser=parse_flags)
+    cli.start(main, define_flags, __name__, rewrite=legacy_argv)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    define_flags()
-    app.run(main, flags_parser=parse_flags)
+    console_main()

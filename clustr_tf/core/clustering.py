@@ -162,12 +162,17 @@ def embed(model, images, batch_size=256, embed_fn=None, strategy=None):
 class ClusterRefresh(keras.callbacks.Callback):
     """Re-clusters the training features and resets centers and variance during `fit`.
 
-    Before the first epoch (unless disabled) and after every `frequency` epochs, embeds the
-    whole training set in inference mode, runs `kmeans_per_class`, assigns the model's
-    `cluster_centers.centers` and `.variance`, and, given a sampler, hands it the new
+    Before the first epoch (unless disabled) and at the end of every `frequency`-th epoch,
+    embeds the whole training set in inference mode, runs `kmeans_per_class`, assigns the
+    model's `cluster_centers.centers` and `.variance`, and, given a sampler, hands it the new
     assignments and centers. It also connects the sampler to the model, so that the
     training step records each example's loss for the sampler's seed distribution.
     Adds `variance` and `center_separation` to the epoch logs.
+
+    The refresh of an epoch runs after its last training batch, before `fit` validates: the
+    logged `val_*` metrics (and EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, which
+    read them) are those of the model as the epoch leaves it. (Where the number of steps
+    is unknown, it runs at the epoch's end, after validation.)
 
     Args:
         sampler: a `clustr_tf.sampler.NeighbourhoodSampler`; its images and labels are the
@@ -217,6 +222,7 @@ class ClusterRefresh(keras.callbacks.Callback):
         self.strategy = strategy
         self.refreshes = 0
         self.last = {}
+        self._epoch, self._refreshed = 0, False
         self._embed_fn = None
         self._embed_model = None
 
@@ -262,9 +268,22 @@ class ClusterRefresh(keras.callbacks.Callback):
         if self.refresh_on_train_begin:
             self.refresh()
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._refreshed = epoch, False
+
+    def _due(self, epoch, logs):
         diverged = not np.isfinite(float((logs or {}).get("loss", 0.0)))  # TerminateOnNaN stops the run
-        if (epoch + 1) % self.frequency == 0 and not diverged:
+        return (epoch + 1) % self.frequency == 0 and not diverged and not self._refreshed
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = (self.params or {}).get("steps")
+        if steps and batch + 1 >= steps and self._due(self._epoch, logs):  # the epoch's last batch
             self.refresh()
+            self._refreshed = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._due(epoch, logs):
+            self.refresh()
+        self._refreshed = False
         if logs is not None and self.last:
             logs.update(self.last)

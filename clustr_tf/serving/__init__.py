@@ -14,23 +14,39 @@ The package is laid out by concept, one module each:
     saved_model `export`: checks, Lipschitz bound, tracing, warmup requests, metadata
     versions    the base folder's version folders, `check_export_dir`, `ExportError`
 
-`versions` imports no TensorFlow, and the others import it when they run, so a binary can
-check `--export_dir` before TensorFlow loads. `export/export_model.py` is the binary
+    client      `ClusTRClient` and the REST/gRPC requests of a served model (NumPy only)
+
+`versions` and `client` import no TensorFlow, and this package imports each module on first
+use, so they work where TensorFlow is not installed and a binary can check `--export_dir`
+before TensorFlow loads. `export/export_model.py` is the binary
 around `export`; `training/main.py --export_dir` calls `export` at the end of training.
 """
 
-from clustr_tf.serving.saved_model import DEFAULT_EVAL_NEIGHBOURS
-from clustr_tf.serving.saved_model import DEFAULT_MODEL_NAME
-from clustr_tf.serving.saved_model import METADATA_FILE
-from clustr_tf.serving.saved_model import WARMUP_FILE
-from clustr_tf.serving.saved_model import export
-from clustr_tf.serving.signatures import INPUT_NAME
-from clustr_tf.serving.signatures import SIGNATURE_OUTPUTS
-from clustr_tf.serving.signatures import SIGNATURES
-from clustr_tf.serving.signatures import serving_functions
-from clustr_tf.serving.versions import ExportError
-from clustr_tf.serving.versions import check_export_dir
-from clustr_tf.serving.versions import check_new_version
-from clustr_tf.serving.versions import existing_versions
-from clustr_tf.serving.versions import next_version
-from clustr_tf.serving.versions import parse_version
+import importlib
+
+_NAMES = {
+    "DEFAULT_EVAL_NEIGHBOURS": "saved_model", "DEFAULT_MODEL_NAME": "saved_model", "METADATA_FILE": "saved_model",
+    "WARMUP_FILE": "saved_model", "export": "saved_model",
+    "INPUT_NAME": "signatures", "SIGNATURE_OUTPUTS": "signatures", "SIGNATURES": "signatures",
+    "serving_functions": "signatures",
+    "ExportError": "versions", "check_export_dir": "versions", "check_new_version": "versions",
+    "existing_versions": "versions", "next_version": "versions", "parse_version": "versions",
+}
+_MODULES = ("client", "saved_model", "signatures", "versions")
+__all__ = [*_MODULES, *_NAMES]
+
+
+def __getattr__(name):
+    """Imports a module or name on first use (PEP 562)."""
+    if name in _MODULES:
+        value = importlib.import_module(f"clustr_tf.serving.{name}")
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(f"clustr_tf.serving.{_NAMES[name]}"), name)
+    else:
+        raise AttributeError(f"module 'clustr_tf.serving' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -217,6 +217,11 @@ class ReadmeExampleTest(absltest.TestCase):
             self.assertTrue(np.all(np.isfinite(history["loss"])), objective)
             self.assertGreater(history["val_accuracy"][-1], 0.2, objective)  # 10 steps; chance is 0.1
             self.assertIsInstance(namespace["model"], namespace["objective"].model_class)
+            # The logged validation is the model as the epoch left it (after ClusTR's refresh).
+            test = namespace["data"].load("digits", "test").batch(256)
+            evaluated = namespace["model"].evaluate(test, return_dict=True, verbose=0)
+            self.assertAlmostEqual(history["val_accuracy"][-1], evaluated["accuracy"], places=6, msg=objective)
+            self.assertAlmostEqual(history["val_loss"][-1], evaluated["loss"], places=4, msg=objective)
 
     def test_readme_run_example_runs(self):
         """The second ```python block of README.md (a whole run from a RunConfig)."""

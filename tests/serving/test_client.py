@@ -1,4 +1,5 @@
-"""Tests of export/client.py: requests, answers, errors and the command line.
+"""Tests of the client (clustr_tf.serving.client and its command, export/client.py): requests,
+answers, errors, batching, the command line, and use without TensorFlow.
 
 Request building and answer parsing are checked with tensorflow-serving-api's real protos
 and with JSON laid out as TF Serving's REST API documents it. For the transport, small
@@ -31,7 +32,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 from clustr_tf import backbones
 from clustr_tf import models
 from clustr_tf import serving
-from export import client
+from clustr_tf.serving import client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLIENT = os.path.join(ROOT, "export", "client.py")
@@ -336,6 +337,41 @@ class ServedModelTest(parameterized.TestCase):
         self.assertIn("client.py: error: Cannot reach TF Serving's gRPC endpoint",
                       unreachable.stderr.strip().splitlines()[-1])
 
+    def test_large_batches_go_as_several_requests(self):
+        images = _images(7)
+        for protocol in ("rest", "grpc"):
+            with self._client(protocol) as whole, self._client(protocol, max_batch_size=3) as split:
+                expected, got = whole.certify(images), split.certify(images)
+                self.assertEqual(set(got), set(expected))
+                for name in expected:  # (batch-size-dependent float rounding aside)
+                    np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
+                    self.assertEqual(got[name].dtype, expected[name].dtype)
+        with self.assertRaisesRegex(ValueError, "`max_batch_size` must be an int >= 1. Received: 0"):
+            client.ClusTRClient(rest_url=self.servers.rest_url, max_batch_size=0)
+
+    def test_works_without_tensorflow(self):
+        """The library and the command, with TensorFlow and Keras made unimportable: REST
+        requests on .npy images need NumPy only."""
+        work = _tempdir(self)
+        np.save(os.path.join(work, "x.npy"), self.images)
+        blocked = "import sys; sys.modules.update(tensorflow=None, keras=None, tensorflow_serving=None); "
+        program = (blocked + f"sys.path.insert(0, {ROOT!r}); import numpy as np; "
+                   "from clustr_tf.serving import client; "
+                   f"c = client.ClusTRClient(rest_url={self.servers.rest_url!r}, max_batch_size=2); "
+                   f"out = c.certify(np.load({work!r} + '/x.npy')); "
+                   "assert not [m for m in sys.modules if m.startswith(('tensorflow', 'keras')) and sys.modules[m]]; "
+                   "print(out['classes'].tolist())")
+        out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, cwd=work)
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        expected, _ = _run_signature(self.loaded, "certify", self.images)
+        self.assertEqual(json.loads(out.stdout.strip().splitlines()[-1]), expected["classes"].tolist())
+        command = (blocked + f"sys.path.insert(0, {ROOT!r}); sys.argv = ['clustr-client', "
+                   f"'--rest={self.servers.rest_url}', '--images={work}/x.npy']; "
+                   "from export import client as command; command.console_main()")
+        out = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=120, cwd=work)
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        self.assertEqual(json.loads(out.stdout.strip().splitlines()[-1])["classes"], expected["classes"].tolist())
+
     def test_cli_bad_usage(self):
         work = _tempdir(self)
         np.save(os.path.join(work, "x.npy"), self.images)
@@ -346,7 +382,11 @@ class ServedModelTest(parameterized.TestCase):
             ([f"--rest={self.servers.rest_url}", f"--images={work}/none.npy"], "--images is not a file"),
             ([f"--rest={self.servers.rest_url}", f"--images={work}/x.npy", "--signature=classify"], "'classify'"),
             ([f"--rest={self.servers.rest_url}", f"--images={work}/x.npy", "--version=abc"], "--version"),
+            ([f"--rest={self.servers.rest_url}", f"--images={work}/empty.npy"], "--images holds no image"),
+            ([f"--rest={self.servers.rest_url}", f"--images={work}/x.npy", "--max_batch_size=0"], "--max_batch_size"),
+            ([f"--rest={self.servers.rest_url}", "--imagess=x.npy"], "Did you mean: images"),
         ]
+        np.save(os.path.join(work, "empty.npy"), self.images[:0])
         for args, message in cases:
             out = subprocess.run([sys.executable, CLIENT, *args], capture_output=True, text=True, timeout=300)
             self.assertEqual(out.returncode, 2, (args, out.stderr[-1000:]))
