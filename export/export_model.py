@@ -24,6 +24,9 @@ def define_flags():
     flags.DEFINE_string("version", None, "Version number >= 1. Default: the next free one.")
     flags.DEFINE_integer("eval_L", None, "L of serving_default. Default: the run's eval_L, else min(20, C*K).")
     flags.DEFINE_string("model_name", None, "Model name in the warmup requests. Default: clustr.")
+    flags.DEFINE_integer("max_batch_size", 1024, "The most images one request may hold; a larger one gets "
+                         "INVALID_ARGUMENT naming the limit (recorded in clustr_export.json). The client "
+                         "(clustr-client) sends larger batches as several requests.")
     flags.DEFINE_string("precision", "float32", "What the signatures' backbone computes in: float32 (the network "
                         "the evaluation and the certificate are stated for), or `trained`: the run's "
                         "--mixed_precision (faster where the hardware has it). Inputs and outputs keep their dtypes.")
@@ -77,6 +80,8 @@ def run(f):
     version = serving.parse_version(f.version) if f.version is not None else None
     if f.precision not in ("float32", "trained"):
         raise ExportError(f"--precision must be float32 or trained. Received: {f.precision!r}")
+    if f.max_batch_size < 1:
+        raise ExportError(f"--max_batch_size must be >= 1. Received: {f.max_batch_size}")
     if f.eval_L is not None and f.eval_L < 1:
         raise ExportError(f"--eval_L must be >= 1. Received: {f.eval_L}")
     if not os.path.isdir(f.model_dir):
@@ -91,7 +96,8 @@ def run(f):
         raise ExportError(f"--eval_L must be at most the number of clusters, {clusters}. Received: {neighbours}")
     path = serving.export(model, f.export_dir, version=version, neighbours=neighbours,
                           model_name=f.model_name or serving.DEFAULT_MODEL_NAME,
-                          compute_precision="float32" if f.precision == "float32" else None)
+                          compute_precision="float32" if f.precision == "float32" else None,
+                          max_batch_size=f.max_batch_size)
     logging.info("Exported %s (L=%d)", path, neighbours)
     return path
 

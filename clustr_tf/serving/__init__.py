@@ -25,7 +25,7 @@ around `export`; `training/main.py --export_dir` calls `export` at the end of tr
 import importlib
 
 _NAMES = {
-    "DEFAULT_EVAL_NEIGHBOURS": "saved_model", "DEFAULT_MODEL_NAME": "saved_model", "METADATA_FILE": "saved_model",
+    "DEFAULT_EVAL_NEIGHBOURS": "saved_model", "DEFAULT_MAX_BATCH_SIZE": "saved_model", "DEFAULT_MODEL_NAME": "saved_model", "METADATA_FILE": "saved_model",
     "WARMUP_FILE": "saved_model", "export": "saved_model",
     "INPUT_NAME": "signatures", "SIGNATURE_OUTPUTS": "signatures", "SIGNATURES": "signatures",
     "serving_functions": "signatures",

@@ -13,12 +13,18 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
+
 from clustr_tf import config
 from clustr_tf.serving import signatures
 from clustr_tf.serving import versions
 from clustr_tf.serving.versions import ExportError
 
 WARMUP_FILE = "tf_serving_warmup_requests"
+# The most images one request may hold (`export(max_batch_size=...)`, export_model.py
+# --max_batch_size): one request cannot take a server's memory; the client splits larger
+# batches (clustr_tf.serving.client.DEFAULT_MAX_BATCH_SIZE is the same number).
+DEFAULT_MAX_BATCH_SIZE = 1024
 METADATA_FILE = "clustr_export.json"
 DEFAULT_MODEL_NAME = "clustr"
 # L of the soft-kNC rule at evaluation in the paper, capped by the number of clusters.
@@ -115,7 +121,7 @@ def _checked(model, neighbours, lipschitz_bound):
     return image_shape, int(neighbours), float(lipschitz_bound)
 
 
-def _traced(model, neighbours, lipschitz_bound, compute_precision, trained):
+def _traced(model, neighbours, lipschitz_bound, compute_precision, trained, max_batch_size):
     """The module to save and its concrete signature functions, traced in
     `compute_precision`; the caller's model is set back to `trained`, its precision."""
     import tensorflow as tf
@@ -124,7 +130,7 @@ def _traced(model, neighbours, lipschitz_bound, compute_precision, trained):
 
     precision.set_precision(model, compute_precision)
     try:
-        functions, bound = signatures.serving_functions(model, neighbours, lipschitz_bound)
+        functions, bound = signatures.serving_functions(model, neighbours, lipschitz_bound, max_batch_size)
         root = tf.Module(name="clustr_serving")
         root.lipschitz_bound = bound
         for name, fn in functions.items():
@@ -145,7 +151,8 @@ def _traced(model, neighbours, lipschitz_bound, compute_precision, trained):
     return root, concrete
 
 
-def _metadata(model, image_shape, neighbours, lipschitz_bound, compute_precision, trained, embedding_dim, version):
+def _metadata(model, image_shape, neighbours, lipschitz_bound, compute_precision, trained, embedding_dim, version,
+              max_batch_size):
     """The contents of `assets.extra/clustr_export.json`."""
     import tensorflow as tf
 
@@ -153,7 +160,7 @@ def _metadata(model, image_shape, neighbours, lipschitz_bound, compute_precision
     return {
         "signatures": {name: list(signatures.SIGNATURE_OUTPUTS[name]) for name in signatures.SIGNATURES},
         "input": {"name": signatures.INPUT_NAME, "dtype": "float32", "shape": [None, *image_shape],
-                  "range": [0.0, 1.0]},
+                  "range": [0.0, 1.0], "max_batch_size": max_batch_size},
         "num_classes": layer.num_classes,
         "clusters_per_class": layer.clusters_per_class,
         "neighbours": neighbours,
@@ -168,7 +175,8 @@ def _metadata(model, image_shape, neighbours, lipschitz_bound, compute_precision
 
 
 def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=None,
-           model_name=DEFAULT_MODEL_NAME, verify=True, compute_precision="float32"):
+           model_name=DEFAULT_MODEL_NAME, verify=True, compute_precision="float32",
+           max_batch_size=DEFAULT_MAX_BATCH_SIZE):
     """Writes `model` as SavedModel `export_dir/<version>/` for TF Serving.
 
     The version folder is written under a hidden temporary name and renamed at the end, so
@@ -190,6 +198,8 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
             "float16" (`clustr_tf.precision`), or None for the model's own. The
             signatures' inputs and outputs keep their dtypes (float32 in; float32 and
             int64 out) whatever it is; the certificate is computed in float64.
+        max_batch_size: int >= 1, the most images one request may hold: a larger one gets
+            INVALID_ARGUMENT naming the limit (recorded in clustr_export.json).
 
     Returns:
         str, the path of the version folder.
@@ -208,6 +218,8 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
 
     from clustr_tf.nets import precision
 
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, (int, np.integer)) or max_batch_size < 1:
+        raise ExportError(f"`max_batch_size` must be an int >= 1. Received: {max_batch_size!r}")
     image_shape, neighbours, lipschitz_bound = _checked(model, neighbours, lipschitz_bound)
     versions.check_export_dir(export_dir)
     final, number = versions.version_folder(export_dir, version)
@@ -215,7 +227,7 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
     if compute_precision is None:
         compute_precision = trained
     precision.check(compute_precision, ExportError, "compute_precision")
-    root, concrete = _traced(model, neighbours, lipschitz_bound, compute_precision, trained)
+    root, concrete = _traced(model, neighbours, lipschitz_bound, compute_precision, trained, int(max_batch_size))
     embedding_dim = int(concrete["embed"].structured_outputs["embeddings"].shape[-1])
 
     tmp = tempfile.mkdtemp(prefix=f".tmp-{number}-", dir=export_dir)
@@ -228,7 +240,7 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
                 writer.write(log.SerializeToString())
         with open(os.path.join(extra, METADATA_FILE), "w") as fh:
             json.dump(_metadata(model, image_shape, neighbours, lipschitz_bound, compute_precision, trained,
-                                embedding_dim, number), fh, indent=2)
+                                embedding_dim, number, int(max_batch_size)), fh, indent=2)
         if verify:
             _verify(tmp, image_shape)
         versions.check_new_version(export_dir, number)  # another export may have taken it meanwhile

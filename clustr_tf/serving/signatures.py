@@ -41,7 +41,7 @@ def fixed_image_shape(model):
     return shape
 
 
-def _check_inputs(images, image_shape):
+def _check_inputs(images, image_shape, max_batch_size):
     """Graph-side checks of a request; returns `images` gated on them.
 
     Raw `Shape`/`Size` ops are used on purpose: the public wrappers fold the rank and
@@ -64,6 +64,14 @@ def _check_inputs(images, image_shape):
         name="check_shape",
     )
     with tf.control_dependencies([shape_check]):
+        batch = tf.concat([shape, tf.constant([0], tf.int32)], axis=0)[0]  # (safe for any rank)
+        batch_check = tf.debugging.Assert(
+            batch <= max_batch_size,
+            [f"`{INPUT_NAME}` holds at most {max_batch_size} images per request (the export's max_batch_size); "
+             "send larger batches as several requests (clustr_tf.serving.client does). Received batch size:", batch],
+            name="check_batch_size",
+        )
+    with tf.control_dependencies([batch_check]):
         finite = tf.math.is_finite(images)
         finite_check = tf.debugging.Assert(
             tf.reduce_all(finite),
@@ -83,13 +91,14 @@ def _check_inputs(images, image_shape):
         return tf.identity(images)
 
 
-def serving_functions(model, neighbours, lipschitz_bound):
+def serving_functions(model, neighbours, lipschitz_bound, max_batch_size):
     """The three signature functions of a ClusTR model, and the variable of the bound.
 
     Args:
         model: a built `clustr_tf.models.ClusTRModel` with a fixed input shape.
         neighbours: int, L of the soft-kNC rule of `serving_default`.
         lipschitz_bound: float > 0, the l2 Lipschitz bound of `model.backbone`.
+        max_batch_size: int, the most images a request may hold (more: INVALID_ARGUMENT).
 
     Returns:
         A tuple `(functions, bound_variable)`: a dict signature name -> `tf.function`
@@ -113,7 +122,7 @@ def serving_functions(model, neighbours, lipschitz_bound):
     def per_request(images, compute, empty):
         # An empty batch never reaches the backbone: oneDNN's Conv2D (on by default in
         # TF 2.21 on CPU) returns a wrongly shaped result for a batch of 0.
-        images = _check_inputs(images, image_shape)
+        images = _check_inputs(images, image_shape, max_batch_size)
         return tf.cond(tf.shape(images)[0] > 0, lambda: compute(images), empty)
 
     def predict(images):

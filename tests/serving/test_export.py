@@ -103,6 +103,7 @@ class ExportedSavedModelTest(parameterized.TestCase):
             metadata = json.load(fh)
         self.assertEqual(metadata["neighbours"], 5)
         self.assertEqual(metadata["input"]["shape"], [None, 8, 8, 1])
+        self.assertEqual(metadata["input"]["max_batch_size"], 1024)
         self.assertEqual(metadata["embedding_dim"], 16)
 
     def test_signatures_have_the_contract_names_dtypes_and_shapes(self):
@@ -193,6 +194,19 @@ class ExportedSavedModelTest(parameterized.TestCase):
         message = str(cm.exception)
         self.assertIn("assertion failed: [`images` must", message)
         self.assertIn(expected, message)
+
+    def test_a_batch_over_the_limit_is_an_invalid_argument_naming_it(self):
+        from clustr_tf.serving import client
+
+        self.assertEqual(serving.DEFAULT_MAX_BATCH_SIZE, 1024)
+        self.assertEqual(client.DEFAULT_MAX_BATCH_SIZE, serving.DEFAULT_MAX_BATCH_SIZE)
+        images = np.full((1025, 8, 8, 1), 0.5, np.float32)
+        for name in serving.SIGNATURES:
+            with self.assertRaises(tf.errors.InvalidArgumentError) as cm:
+                self.loaded.signatures[name](images=tf.constant(images))
+            self.assertIn("holds at most 1024 images per request", str(cm.exception))
+            self.assertIn("Received batch size:] [1025]", str(cm.exception))
+        self.assertEqual(self._call("certify", images[:1024])["classes"].shape, (1024,))
 
     def test_warmup_requests_parse_and_run(self):
         from tensorflow_serving.apis import prediction_log_pb2
@@ -380,10 +394,14 @@ class ExportBinaryTest(parameterized.TestCase):
         self.assertEqual(out.stdout.strip().splitlines()[-1], os.path.join(base, "1"))
         with open(os.path.join(base, "1", "assets.extra", "clustr_export.json")) as fh:
             self.assertEqual(json.load(fh)["neighbours"], 4)  # config.json's eval_L
-        out = self._export(f"--model_dir={self.run_dir}", f"--export_dir={base}", "--version=12", "--eval_L=6")
+        out = self._export(f"--model_dir={self.run_dir}", f"--export_dir={base}", "--version=12", "--eval_L=6",
+                           "--max_batch_size=3")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         with open(os.path.join(base, "12", "assets.extra", "clustr_export.json")) as fh:
-            self.assertEqual(json.load(fh)["neighbours"], 6)
+            metadata = json.load(fh)
+        self.assertEqual((metadata["neighbours"], metadata["input"]["max_batch_size"]), (6, 3))
+        with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "holds at most 3 images per request"):
+            tf.saved_model.load(os.path.join(base, "12")).signatures["embed"](images=tf.zeros([4, 8, 8, 1]))
         self.assertEqual(serving.next_version(base), 13)
 
     @parameterized.named_parameters(
@@ -400,6 +418,8 @@ class ExportBinaryTest(parameterized.TestCase):
         ("eval_L_too_large", ["--model_dir={run}", "--export_dir={tmp}/b", "--eval_L=7"],
          "at most the number of clusters, 6"),
         ("unexpected_argument", ["now"], "unexpected arguments: now"),
+        ("max_batch_size_zero", ["--model_dir={run}", "--export_dir={tmp}/b", "--max_batch_size=0"],
+         "--max_batch_size must be >= 1. Received: 0"),
     )
     def test_bad_input_fails_with_one_line(self, args, message):
         tmp = _tempdir(self)
