@@ -1,7 +1,9 @@
 """Argument checks shared by the library: each raises an error naming the argument (in
 backticks) and what was received, the way every error of this library reads. `error` is the
-exception class (default ValueError; `clustr_tf.config` passes its `ConfigError`)."""
+exception class (default ValueError; `clustr_tf.config` passes its `ConfigError`). Also
+`write_json`, the atomic write of the results files."""
 
+import json
 import math
 import numbers
 import os
@@ -46,12 +48,35 @@ def non_negative(name, value, error=ValueError):
 
 
 def writable_dir(name, path, error=ValueError):
-    """Creates the folder `path` if needed; `error` unless it is a writable directory.
-    `name` is how the message names the setting (e.g. "`model_dir`", "--export_dir")."""
+    """`error` unless `path` is a writable directory or can be made one (its nearest
+    existing parent is a writable directory). Creates nothing: the caller makes the folder
+    when it writes, so a command that fails first leaves nothing behind. `name` is how the
+    message names the setting (e.g. "`model_dir`", "--export_dir")."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise error(f"{name} exists and is not a directory. Received: {path}")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise error(f"{name} cannot be made: {existing} is a file, not a directory. Received: {path}")
     try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=path, prefix=".write_test").close()
+        tempfile.NamedTemporaryFile(dir=existing, prefix=".write_test").close()
     except OSError as e:
-        raise error(f"{name} is not a writable directory: {e.strerror or e}. Received: {path}") from None
+        raise error(f"{name} is not a writable directory: {e.strerror or e} ({existing}). Received: {path}") from None
+
+
+def write_json(path, value):
+    """Writes `value` as JSON to `path` atomically: a temporary file in the same folder,
+    then a rename, so a kill never leaves a half-written file (readers see the old one or
+    the new one)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(value, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -409,8 +409,13 @@ class RunConfig:
             raise ConfigError(str(e)) from None
 
     def check_paths(self):
-        """Checks what the run will read and write, before anything is: the run directory is
-        writable (it is made), `init_checkpoint` exists, `export_dir` can take a version."""
+        """Checks what the run will read and write, before anything is: `data_dir` exists, the
+        run directory is writable or can be made (nothing is created), `init_checkpoint` exists, `export_dir` can
+        take a version."""
+        if self.data.data_dir is not None and not os.path.exists(self.data.data_dir):
+            _fail(f"`data_dir` does not exist. It must be an original release (CIFAR's python or binary tarball or "
+                  f"folder, SVHN's .mat files), an image folder or .tar.gz (split/class/image), or a TFDS data_dir "
+                  f"(create an empty folder to download a TFDS dataset into). Received: {self.data.data_dir}")
         path = self.runtime.model_dir
         checks.writable_dir("`model_dir`", path, ConfigError)
         if self.runtime.init_checkpoint is not None and not os.path.exists(self.runtime.init_checkpoint):

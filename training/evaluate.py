@@ -275,8 +275,9 @@ def run(f):
               "median_certified_radius_test_split": split["median_certified_radius"],
               "masking_checks": checks,
               "config": {**dataclasses.asdict(config), "radii_choice": radii_choice}}
-    with open(os.path.join(f.model_dir, "robustness.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
+    from clustr_tf import checks
+
+    checks.write_json(os.path.join(f.model_dir, "robustness.json"), result)
     with open(os.path.join(f.model_dir, "attacks.csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["norm", "eps", "loss", "iterations", "restarts", "accuracy", "scope"])
         writer.writeheader()

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import posixpath
 import shutil
+import socket
 import urllib.parse
 import urllib.request
 
@@ -126,6 +127,21 @@ def _check_mirror(urls, timeout=10):
             raise OSError(f"the mirror does not serve {url} ({_one_line(e)})") from None
 
 
+def _check_reachable(urls, timeout=10):
+    """Fails fast, naming the host, when a download's hosts cannot be reached (no network):
+    one connection attempt each, where TFDS's downloader retries for minutes."""
+    hosts = set()
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.hostname:
+            hosts.add((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
+    for host, port in sorted(hosts):
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            raise OSError(f"{host}:{port} cannot be reached ({_one_line(e)}): no network?") from None
+
+
 def _tfds_builder(name, tfds_name, data_dir, download, mirror=None):
     """Returns a prepared TFDS builder or raises `base.DatasetNotFoundError`."""
     mirror = _as_mirror(mirror)
@@ -164,6 +180,7 @@ def _tfds_builder(name, tfds_name, data_dir, download, mirror=None):
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(force_checksums_validation=True))
         else:
+            _check_reachable(getattr(type(builder), "url_infos", None) or {})
             builder.download_and_prepare()
     except Exception as e:  # Network, disk and checksum errors alike.
         # TFDS writes the dataset into an "incomplete" folder it renames when done, so

@@ -230,6 +230,7 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
     root, concrete = _traced(model, neighbours, lipschitz_bound, compute_precision, trained, int(max_batch_size))
     embedding_dim = int(concrete["embed"].structured_outputs["embeddings"].shape[-1])
 
+    os.makedirs(export_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{number}-", dir=export_dir)
     try:
         tf.saved_model.save(root, tmp, signatures=concrete)

@@ -39,7 +39,8 @@ def next_version(export_dir):
 
 
 def check_export_dir(export_dir):
-    """Creates `export_dir` if needed and checks it is a writable folder; ExportError if not."""
+    """ExportError unless `export_dir` is a writable folder or can be made one (nothing is
+    created: `export` makes it when it writes)."""
     if not export_dir:
         raise ExportError("--export_dir is required (the model's base folder for TF Serving).")
     checks.writable_dir("--export_dir", export_dir, ExportError)

@@ -5,15 +5,16 @@ run already in the directory resumes), `fit` with the run's callbacks, then the 
 directory's model.keras, metrics.json and, if asked, the export.
 """
 
-import json
 import math
 import os
+import shutil
 import time
 
 import keras
 from absl import logging
 
 from clustr_tf.nets import backbones
+from clustr_tf import checks
 from clustr_tf import data
 from clustr_tf.training import distribute
 from clustr_tf.core import models
@@ -192,10 +193,22 @@ def run(config):
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"`config` must be a clustr_tf.config.RunConfig. Received: {type(config).__name__}")
-    d, m, o, r = config.data, config.model, config.objective, config.runtime
+    created = not os.path.exists(config.runtime.model_dir)
     config.check_paths()
-    with open(os.path.join(r.model_dir, "config.json"), "w") as fh:
-        json.dump(config.flat(), fh, indent=2)
+    try:
+        return _run(config)
+    except BaseException:
+        # A run that fails before its first checkpoint (no data, a bad setting, an
+        # interruption) leaves no folder it created behind; one with a saved state keeps it.
+        if created and not os.path.exists(os.path.join(config.runtime.model_dir, state_lib.STATE_DIR)):
+            shutil.rmtree(config.runtime.model_dir, ignore_errors=True)
+        raise
+
+
+def _run(config):
+    d, m, o, r = config.data, config.model, config.objective, config.runtime
+    os.makedirs(r.model_dir, exist_ok=True)
+    checks.write_json(os.path.join(r.model_dir, "config.json"), config.flat())
     keras.utils.set_random_seed(r.seed)
     trained_precision = r.mixed_precision or "float32"
     start = time.time()
@@ -250,8 +263,7 @@ def run(config):
     })
     if state.is_chief:
         model.save(os.path.join(r.model_dir, "model.keras"))
-        with open(os.path.join(r.model_dir, "metrics.json"), "w") as fh:
-            json.dump(metrics, fh, indent=2)
+        checks.write_json(os.path.join(r.model_dir, "metrics.json"), metrics)
         if r.export_dir:
             try:
                 path = serving.export(model, r.export_dir, neighbours=m.eval_L)

@@ -88,7 +88,7 @@ def test_bad_settings_name_what_and_what_was_received(build, expected):
 def test_paths_are_checked_before_anything_is_written(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("keep")
-    for runtime, text in ((c.Runtime(model_dir=f"{blocker}/run"), "`model_dir` is not a writable directory"),
+    for runtime, text in ((c.Runtime(model_dir=f"{blocker}/run"), "`model_dir` cannot be made: .* is a file"),
                           (c.Runtime(model_dir=f"{tmp_path}/r", init_checkpoint=f"{tmp_path}/none"),
                            "`init_checkpoint` does not exist"),
                           (c.Runtime(model_dir=f"{tmp_path}/r", export_dir=str(blocker)),
@@ -96,6 +96,9 @@ def test_paths_are_checked_before_anything_is_written(tmp_path):
         with pytest.raises(c.ConfigError, match=text):
             c.RunConfig(runtime=runtime).check_paths()
     assert blocker.read_text() == "keep"
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # nothing was created
+    c.RunConfig(runtime=c.Runtime(model_dir=f"{tmp_path}/new/run")).check_paths()  # can be made: fine
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 def test_config_modules_import_no_tensorflow():

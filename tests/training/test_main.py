@@ -155,10 +155,39 @@ def test_unwritable_model_dir(tmp_path, capsys):
 
 
 def test_missing_dataset(tmp_path, capsys):
+    """A --data_dir that does not exist is a bad flag (before TensorFlow loads); an empty one
+    without the download, the dataset cannot be had: neither leaves the run folder behind."""
     last = _fails_with_one_line(
-        capsys, ["--dataset=cifar10", f"--data_dir={tmp_path}/nothing", "--nodownload", f"--model_dir={tmp_path}/run"],
+        capsys, ["--dataset=cifar10", f"--data_dir={tmp_path}/nothing", f"--model_dir={tmp_path}/run"],
+        "--data_dir does not exist", "CIFAR's python or binary tarball", f"Received: {tmp_path}/nothing", status=2)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "nothing").exists()
+    (tmp_path / "empty").mkdir()
+    last = _fails_with_one_line(
+        capsys, ["--dataset=cifar10", f"--data_dir={tmp_path}/empty", "--nodownload", f"--model_dir={tmp_path}/run"],
         "cifar10", "--data_dir", status=1)
     assert "could not be found" in last
+    assert not (tmp_path / "run").exists()
+    assert os.listdir(tmp_path / "empty") == []
+
+
+def test_no_network_fails_at_once_with_how_to_pass_the_data(tmp_path, capsys, monkeypatch):
+    """No network: one connection attempt to the publisher's host (here a closed local port),
+    one line saying how to pass --data_dir, no run folder left."""
+    import socket
+
+    from clustr_tf.data import tfds_sources
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    real = tfds_sources._check_reachable
+    monkeypatch.setattr(tfds_sources, "_check_reachable",
+                        lambda urls, timeout=10: real([f"http://127.0.0.1:{port}/cifar-10-binary.tar.gz"], timeout))
+    (tmp_path / "tfds").mkdir()
+    last = _fails_with_one_line(
+        capsys, ["--dataset=cifar10", f"--data_dir={tmp_path}/tfds", f"--model_dir={tmp_path}/run"],
+        f"127.0.0.1:{port} cannot be reached", "no network?", "Pass --data_dir=DIR", status=1)
+    assert not (tmp_path / "run").exists()
 
 
 def test_unexpected_argument(capsys):
