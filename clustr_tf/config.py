@@ -317,6 +317,9 @@ class Runtime:
         None, "A run directory (its model.keras) or a .keras model, ClusTR or cross-entropy, to start from: its "
         "backbone's weights carry over (the official ClusTR+QTRADES recipe starts from a cross-entropy network); "
         "the clusters are refreshed on them before the first step.")
+    resume_checkpoint: str | None = setting(
+        None, "Resume from this checkpoint of <model_dir>/checkpoints (e.g. ckpt-200, the one saved before a "
+        "truncated latest) instead of the latest.")
     export_dir: str | None = setting(
         None, "Export the final model for TF Serving into <export_dir>/<next version>/ (export/export_model.py).")
 

@@ -44,17 +44,14 @@ def load_run(model_dir):
     path = os.path.join(model_dir, "model.keras")
     if not os.path.exists(path):
         raise ExportError(f"No model.keras in --model_dir (has training finished?). Received: {model_dir}")
-    import keras
-
     import clustr_tf
 
     clustr_tf.load_all()  # registers the model classes (the binary deferred the library's imports)
 
     try:
-        model = keras.saving.load_model(path)
-    except Exception as e:  # noqa: BLE001: any load failure becomes one clear message
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ExportError(f"Cannot load {path}: {type(e).__name__}: {first}") from None
+        model = models.load_model(path)
+    except models.ModelFileError as e:
+        raise ExportError(str(e)) from None
     if not isinstance(model, models.ClusTRModel):
         raise ExportError(f"{path} is not a ClusTR model (no cluster centers). Received: {type(model).__name__}")
     run_config = {}

@@ -142,8 +142,6 @@ def resolve_auto(f, config, model, dataset):
 
 def load_run(model_dir):
     """The run's model and configuration; EvalError when they cannot be used."""
-    import keras
-
     import clustr_tf
 
     clustr_tf.load_all()  # registers the model classes (the binary deferred the library's imports)
@@ -154,14 +152,18 @@ def load_run(model_dir):
     config_path = os.path.join(model_dir, "config.json")
     run_config = {}
     if os.path.exists(config_path):
-        with open(config_path) as fh:
-            run_config = json.load(fh)
-    try:
-        model = keras.saving.load_model(path)
-    except Exception as e:  # noqa: BLE001: any load failure becomes one clear message
-        raise EvalError(f"Cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        try:
+            with open(config_path) as fh:
+                run_config = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise EvalError(f"Cannot read {config_path} ({type(e).__name__}: {e}): it is truncated or not the "
+                            "config.json training/main.py writes.") from None
     from clustr_tf import models
 
+    try:
+        model = models.load_model(path)
+    except models.ModelFileError as e:
+        raise EvalError(str(e)) from None
     if not isinstance(model, models.Classifier):
         raise EvalError(f"{path} is not a ClusTR model nor a baseline classifier (clustr_tf.models.Classifier). "
                         f"Received: {type(model).__name__}")

@@ -50,10 +50,9 @@ def init_from(model, path):
         raise ConfigError(f"`init_checkpoint` must be a .keras model or a run directory holding model.keras "
                           f"(a finished run). Received: {path}")
     try:
-        source = keras.saving.load_model(path, compile=False)
-    except Exception as e:  # noqa: BLE001: any load failure becomes one clear message
-        raise ConfigError(f"`init_checkpoint` cannot be loaded ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}). Received: {path}") from None
+        source = models.load_model(path)
+    except models.ModelFileError as e:
+        raise ConfigError(f"`init_checkpoint`: {e}") from None
     if not isinstance(source, models.Classifier):
         raise ConfigError(f"`init_checkpoint` must be a ClusTR model or a softmax classifier. Received: "
                           f"{type(source).__name__} from {path}")
@@ -93,7 +92,8 @@ def optimizer_of(config, steps):
 
 def train(model, batches, model_dir, epochs, steps_per_epoch, test=None, eval_neighbours=None,
           eval_batch_size=256, checkpoint_every_steps=100, time_budget_seconds=None, cpu_budget_seconds=None,
-          augment=None, seed=0, callbacks=(), verbose=1, cosine_lr=None, lr_horizon_cpu_seconds=None):
+          augment=None, seed=0, callbacks=(), verbose=1, cosine_lr=None, lr_horizon_cpu_seconds=None,
+          resume_checkpoint=None):
     """Trains a compiled model in a run directory, resuming what is saved there.
 
     Restores the `state.TrainingState` of `model_dir` (model, optimizer, position, clocks,
@@ -121,6 +121,8 @@ def train(model, batches, model_dir, epochs, steps_per_epoch, test=None, eval_ne
             at the end of the run (`callbacks.CosineLearningRate`): at
             `lr_horizon_cpu_seconds`, else at the CPU budget, else at the wall budget, else
             after `epochs`.
+        resume_checkpoint: the name of a saved checkpoint to resume from instead of the
+            latest (e.g. "ckpt-200").
         verbose: Keras's verbosity on the chief.
 
     Returns:
@@ -132,7 +134,7 @@ def train(model, batches, model_dir, epochs, steps_per_epoch, test=None, eval_ne
     """
     strategy = model.distribute_strategy
     state = state_lib.TrainingState(model, batches, model_dir, strategy)
-    state.restore()
+    state.restore(resume_checkpoint)
     if state.restored and (int(state.epoch.numpy()) >= epochs
                            or state.budget_spent(time_budget_seconds, cpu_budget_seconds)):
         logging.info("Training already finished at epoch %d", int(state.epoch.numpy()))
@@ -244,7 +246,7 @@ def _run(config):
         augment=data.augmentation(d.dataset) if d.augment else None, seed=r.seed,
         cosine_lr=config.optimizer.lr if config.optimizer.lr_schedule == "cosine" else None,
         lr_horizon_cpu_seconds=config.optimizer.lr_horizon_cpu_minutes * 60
-        if config.optimizer.lr_horizon_cpu_minutes else None)
+        if config.optimizer.lr_horizon_cpu_minutes else None, resume_checkpoint=r.resume_checkpoint)
     train_seconds = time.time() - start
     # Test accuracy in float32, as training/evaluate.py and the export compute by default.
     precision.set_precision(model, "float32")

@@ -63,23 +63,38 @@ class TrainingState:
         epoch = int(self.epoch.numpy())
         return epoch, max(self.iterations - epoch * steps_per_epoch, 0)
 
-    def restore(self):
-        """Restores the latest saved state, if any; returns True when it did.
+    def restore(self, checkpoint=None):
+        """Restores the latest saved state (or `checkpoint`, a name such as "ckpt-2" in
+        the run's checkpoints folder), if any; returns True when it did.
 
         Raises:
-            RestoreError: the checkpoint is corrupt or of another configuration.
+            RestoreError: the checkpoint is missing, truncated or corrupt, or of another
+                configuration; the message says which and what to do. Nothing is deleted.
         """
-        path = self.restore_manager.latest_checkpoint
+        saved = list(self.restore_manager.checkpoints)
+        if checkpoint:
+            path = os.path.join(self.restore_manager.directory, os.path.basename(checkpoint))
+            if not tf.io.gfile.exists(path + ".index"):
+                names = ", ".join(os.path.basename(p) for p in saved) or "none"
+                raise RestoreError(f"No checkpoint {checkpoint} in {self.restore_manager.directory} (saved there: "
+                                   f"{names}). Received: --resume_checkpoint={checkpoint}")
+        else:
+            path = self.restore_manager.latest_checkpoint
         if not path:
             return False
         try:
             self.checkpoint.restore(path).assert_existing_objects_matched()
-        except (tf.errors.OpError, AssertionError, ValueError) as e:
-            raise RestoreError(
-                f"Cannot restore the training state from {path}: {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}. The checkpoint is corrupt or "
-                "belongs to another configuration; move it away or use another --model_dir."
-            ) from None
+        except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if isinstance(e, (AssertionError, ValueError)):  # the objects or shapes do not match
+                what = "it belongs to another configuration, or was written by an incompatible version"
+            else:  # the files cannot be read
+                what = "it is truncated or corrupt (a full disk, an interrupted copy)"
+            earlier = [os.path.basename(p) for p in saved if p != path]
+            fix = (f"pass --resume_checkpoint={earlier[-1]} to resume from the one saved before it, or start over "
+                   "in a new --model_dir") if earlier else "start over in a new --model_dir"
+            raise RestoreError(f"Cannot restore the training state from {path}: {what} ({type(e).__name__}: "
+                               f"{first}). Nothing was deleted; {fix}.") from None
         logging.info("Restored %s: epoch %d, step %d", path, int(self.epoch.numpy()), self.iterations)
         self.restored = True
         return True

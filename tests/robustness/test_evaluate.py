@@ -254,7 +254,23 @@ class EvaluateBinaryTest(parameterized.TestCase):
         out = self._evaluate(f"--model_dir={empty}")
         self.assertNotEqual(out.returncode, 0)
         self.assertNotIn("Traceback", out.stderr)
-        self.assertIn("Cannot load", out.stderr.strip().splitlines()[-1])
+        self.assertIn("is not a .keras model archive (14 bytes", out.stderr.strip().splitlines()[-1])
+        # A truncated copy of a real model, then an unreadable config.json: one line each.
+        with open(os.path.join(self.run_dir, "model.keras"), "rb") as fh:
+            whole = fh.read()
+        with open(os.path.join(empty, "model.keras"), "wb") as fh:
+            fh.write(whole[: len(whole) // 2])
+        out = self._evaluate(f"--model_dir={empty}")
+        self.assertEqual(out.returncode, 2, out.stderr[-2000:])
+        self.assertRegex(out.stderr.strip().splitlines()[-1], r"^evaluate.py: error: .*model.keras is (not a|a "
+                                                                r"damaged) .keras model archive.*truncated")
+        with open(os.path.join(empty, "model.keras"), "wb") as fh:
+            fh.write(whole)
+        with open(os.path.join(empty, "config.json"), "w") as fh:
+            fh.write('{"dataset": "dig')
+        out = self._evaluate(f"--model_dir={empty}")
+        self.assertEqual(out.returncode, 2, out.stderr[-2000:])
+        self.assertIn("config.json (JSONDecodeError", out.stderr.strip().splitlines()[-1])
 
 
 class StagesTest(absltest.TestCase):

@@ -445,7 +445,9 @@ class ExportBinaryTest(parameterized.TestCase):
         out = self._export(f"--model_dir={run}", f"--export_dir={run}/b")
         self.assertEqual(out.returncode, 2)
         self.assertNotIn("Traceback", out.stderr)
-        self.assertIn("export_model.py: error: Cannot load", out.stderr.strip().splitlines()[-1])
+        self.assertIn("export_model.py: error: ", out.stderr.strip().splitlines()[-1])
+        self.assertIn("model.keras is not a .keras model archive (9 bytes", out.stderr.strip().splitlines()[-1])
+        self.assertFalse(os.path.exists(os.path.join(run, "b")))  # nothing created
 
 
 class TrainingBinaryExportTest(absltest.TestCase):

@@ -127,7 +127,7 @@ def test_every_setting_is_a_flag_of_the_binary():
     default, type and help text."""
     flag_values = flags.FlagValues()
     names = config_flags.define_flags(flag_values, module_name="binary")
-    assert len(names) == 51  # 47, then holdout_examples, temperature, lr_schedule, lr_horizon_cpu_minutes
+    assert len(names) == 52  # 47, then holdout_examples, temperature, lr_schedule, lr_horizon_cpu_minutes, resume_checkpoint
     assert sorted(names) == sorted(c.RunConfig(runtime=c.Runtime(model_dir="r")).flat())
     assert [f.name for f in flag_values.flags_by_module_dict()["binary"]] == names
     for field in config_flags.settings():

@@ -371,6 +371,41 @@ class LoopTest(absltest.TestCase):
             state.restore()
         self.assertTrue(os.listdir(folder))  # nothing was deleted
 
+    def test_truncated_latest_checkpoint_names_the_one_before_it_which_resumes(self):
+        """A data file cut in half (a full disk): one message that says truncated, deletes
+        nothing and names the earlier checkpoint; `restore("ckpt-N")` resumes from it."""
+        run = _Run(self)
+        run.train(1, 2, checkpoint_every_steps=1)
+        folder = os.path.join(run.model_dir, training.STATE_DIR)
+        latest = tf.train.latest_checkpoint(folder)
+        data_file = latest + ".data-00000-of-00001"
+        with open(data_file, "r+b") as fh:
+            fh.truncate(os.path.getsize(data_file) // 2)
+        files = sorted(os.listdir(folder))
+        fresh = _Run(self)
+        state = training.TrainingState(fresh.model, fresh.sampler, run.model_dir)
+        with self.assertRaises(training.RestoreError) as cm:
+            state.restore()
+        message = str(cm.exception)
+        self.assertIn("it is truncated or corrupt", message)
+        self.assertIn("Nothing was deleted; pass --resume_checkpoint=ckpt-1 to resume from the one saved before it",
+                      message)
+        self.assertEqual(len(message.splitlines()), 1)
+        self.assertEqual(sorted(os.listdir(folder)), files)
+        self.assertTrue(state.restore("ckpt-1"))
+        self.assertEqual(state.iterations, 1)
+        with self.assertRaisesRegex(training.RestoreError, r"No checkpoint ckpt-7 in .* \(saved there: ckpt-1, ckpt-2"):
+            state.restore("ckpt-7")
+
+    def test_checkpoint_of_another_configuration_says_so(self):
+        run = _Run(self)
+        run.train(1, 1)
+        other = _Run(self, objective=objectives.ClusTR(clusters_per_class=3, neighbours=4, m=3, d=4))  # other centers
+        state = training.TrainingState(other.model, other.sampler, run.model_dir)
+        with self.assertRaisesRegex(training.RestoreError, "belongs to another configuration.*start over in a new "
+                                                           "--model_dir"):
+            state.restore()
+
 
 if __name__ == "__main__":
     absltest.main()
