@@ -39,7 +39,7 @@ def _points(size=3):
 class OfficialLossTest(absltest.TestCase):
     def test_official_loss_is_cross_entropy_on_the_raw_scores(self):
         """The official evaluation's loss, computed directly from distances, variance and L
-        (../shared/notes/official-clustr.md): kernels exp(-d / (2 var)), the L largest kept,
+        (the official repository clustr-official-account/Rethinking-Clustering-for-Robustness): kernels exp(-d / (2 var)), the L largest kept,
         S_c their per-class sums, cross-entropy with S as logits."""
         from clustr_tf import models
 
