@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 from absl import flags
 from absl import logging
@@ -244,6 +245,8 @@ def run(f):
     config, radii_choice = resolve_auto(f, config, model, dataset)
     images, labels = data.load_arrays(dataset, "test", data_dir=run_config.get("data_dir"))
     # Certification is one forward pass: the whole split, before the attacks' subset.
+    print(f"Certifying the {len(labels)} test images at l2 radii {', '.join(f'{r:g}' for r in config.radii)}",
+          flush=True)
     split = evaluation.certify_split(model, images, labels, config.radii, config.batch_size)
     # Test splits are often ordered by class: attack a seeded random subset, never the
     # first examples (which could all be of one class).
@@ -253,12 +256,22 @@ def run(f):
     neighbours = model.evaluation_neighbours(run_config.get("eval_L"))
     num_classes = model.num_classes
     config = dataclasses.replace(config, neighbours=neighbours)
-    bar = keras.utils.Progbar(1)
+    clock = {"last": time.time()}
 
-    def progress(done, total):
-        bar.target = total
-        bar.update(done)
+    def progress(done, total, run):
+        """One labelled line per attack run: which attack, at which radius, what it found."""
+        now = time.time()
+        eps = f"{run['eps'] * 255:g}/255" if run["norm"] == "inf" else f"{run['eps']:g}"
+        attack = "Square" if run["loss"] == "square" else f"PGD ({run['loss']} loss)"
+        target = {"certified_rule": "the certified rule", "survivors": "the survivors"}.get(run["scope"], "")
+        print(f"[{done}/{total}] l{'_inf' if run['norm'] == 'inf' else '2'} {attack} eps {eps}"
+              f"{' on ' + target if target else ''}: {100 * run['accuracy']:.1f}% robust "
+              f"({run['iterations']} {'queries' if run['loss'] == 'square' else 'steps'}, {now - clock['last']:.0f} s)",
+              flush=True)
+        clock["last"] = now
 
+    print(f"Attacking {len(labels)} test images ({dataset}): {len(evaluation.plan(config))} PGD runs, then the "
+          "stronger, gradient-free and certified-rule runs", flush=True)
     result = evaluation.evaluate_robustness(model, images, labels, config, progress=progress)
     checks = evaluation.masking_checks(result, num_classes)
     for name, check in checks.items():
@@ -285,9 +298,25 @@ def run(f):
         writer.writeheader()
         writer.writerows(result["attacks"])
     _plots(result, model, images, np.asarray(labels), f.model_dir)
-    logging.info("Robust accuracy (worst case): %s", result["robust_accuracy"])
-    logging.info("Certified accuracy on the %d test examples: %s", split["num_examples"], split["certified_accuracy"])
+    print(summary(result), flush=True)
     return result
+
+
+def summary(result):
+    """The short table evaluate.py ends with."""
+    rows = [("clean accuracy (attacked images)", f"{100 * result['clean_accuracy']:.1f}%")]
+    rows += [(f"robust accuracy, l_inf {eps} (worst case)", f"{100 * acc:.1f}%")
+             for eps, acc in result["robust_accuracy"].items()]
+    rows += [(f"robust accuracy, l2 {eps}", f"{100 * acc:.1f}%") for eps, acc in result["robust_accuracy_l2"].items()]
+    rows += [(f"certified accuracy, l2 {r} ({result['certified_test_examples']} test images)", f"{100 * acc:.1f}%")
+             for r, acc in result["certified_accuracy_test_split"].items()]
+    violations = sum(result["certificate_violations"].values())
+    failed = [name for name, check in result["masking_checks"].items() if not check["passed"]]
+    rows += [("certificate violations", str(violations)),
+             ("gradient-masking checks", "all passed" if not failed else "FAILED: " + ", ".join(failed))]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join([f"Results ({result['dataset']}, {result['num_examples']} attacked images; robustness.json):"]
+                     + [f"  {name.ljust(width)}  {value}" for name, value in rows])
 
 
 def main(argv):

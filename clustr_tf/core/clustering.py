@@ -6,6 +6,7 @@ shared variance is re-estimated from the distances of the examples to their cent
 pure functions here do the mathematics; `ClusterRefresh` runs them from `model.fit`.
 """
 
+import time
 import warnings
 
 import keras
@@ -55,7 +56,11 @@ def kmeans_per_class(features, labels, num_classes, clusters_per_class, seed=0, 
     k = clusters_per_class
     centers = np.zeros([num_classes * k, features.shape[1]], np.float32)
     assignments = np.zeros([len(labels)], np.int32)
+    last = time.time()
     for c in range(num_classes):
+        if time.time() - last >= _PROGRESS_SECONDS:  # a line at least every 10 s
+            logging.info("k-means: %d of %d classes clustered", c, num_classes)
+            last = time.time()
         members = np.flatnonzero(labels == c)
         if len(members) < k:
             raise ValueError(
@@ -108,6 +113,9 @@ def center_separation(centers, clusters_per_class):
     return float(dist[other].mean()) if other.any() else 0.0
 
 
+_PROGRESS_SECONDS = 10  # the longest silence of a long refresh
+
+
 def embedding_function(model, strategy=None):
     """A `tf.function` computing `model.embed(images, training=False)`; reuse it.
 
@@ -143,8 +151,16 @@ def embed(model, images, batch_size=256, embed_fn=None, strategy=None):
     if dataset.element_spec.dtype == tf.uint8:
         dataset = dataset.map(lambda x: tf.cast(x, tf.float32) / 255.0)
     step = embed_fn or embedding_function(model, strategy)
+    total, done, last = int(images.shape[0]), 0, time.time()
     if strategy is None or strategy.num_replicas_in_sync == 1:
-        return np.concatenate([step(batch).numpy() for batch in dataset.prefetch(2)], axis=0)
+        features = []
+        for batch in dataset.prefetch(2):
+            features.append(step(batch).numpy())
+            done += len(features[-1])
+            if time.time() - last >= _PROGRESS_SECONDS and done < total:  # a line at least every 10 s
+                logging.info("Embedded %d of %d training images", done, total)
+                last = time.time()
+        return np.concatenate(features, axis=0)
     # Every worker reads the whole set; replica r of R embeds slice r of each batch and
     # the slices are gathered back in order (no tf.data sharding, whose order differs
     # between strategies).
@@ -235,6 +251,9 @@ class ClusterRefresh(keras.callbacks.Callback):
         """Runs one refresh now; returns `{"variance", "center_separation"}`."""
         self._check_model()
         layer = self.model.cluster_centers
+        start = time.time()
+        logging.info("Cluster refresh %d: embedding %d training images, then k-means in each of the %d classes",
+                     self.refreshes + 1, len(self.labels), layer.num_classes)
         if self._embed_model is not self.model:
             self._embed_fn = embedding_function(self.model, self.strategy)
             self._embed_model = self.model
@@ -250,6 +269,7 @@ class ClusterRefresh(keras.callbacks.Callback):
             n_init=self.n_init,
         )
         variance = estimate_variance(features, centers, assignments)
+        logging.info("Cluster refresh %d done in %.0f s", self.refreshes + 1, time.time() - start)
         layer.centers.assign(centers)
         layer.variance.assign(variance)
         if self.sampler is not None:

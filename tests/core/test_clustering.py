@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from unittest import mock
 from absl.testing import absltest
 
 from clustr_tf import clustering
@@ -95,9 +96,17 @@ class ClusterRefreshTest(absltest.TestCase):
         )
         flat = keras.Sequential([keras.Input((4, 1, 1)), keras.layers.Reshape((4,)), model.backbone])
         model = models.ClusTRModel(flat, num_classes=3, clusters_per_class=2, neighbours=4)
-        callback = clustering.ClusterRefresh(sampler, seed=0)
+        callback = clustering.ClusterRefresh(sampler, seed=0, batch_size=8)
         callback.set_model(model)
-        stats = callback.refresh()
+        with mock.patch.object(clustering, "_PROGRESS_SECONDS", 0), self.assertLogs("absl", "INFO") as logs:
+            stats = callback.refresh()
+        # What a long refresh says: its start, the embedding's progress, k-means, its end.
+        said = "\n".join(logs.output)
+        self.assertIn(f"Cluster refresh 1: embedding {len(labels)} training images, then k-means in each of the 3 "
+                      "classes", said)
+        self.assertIn(f"Embedded 8 of {len(labels)} training images", said)
+        self.assertIn("k-means: 1 of 3 classes clustered", said)
+        self.assertRegex(said, r"Cluster refresh 1 done in \d+ s")
         centers, assignments = clustering.kmeans_per_class(features, labels, 3, 2, seed=0)
         np.testing.assert_allclose(model.cluster_centers.centers.numpy(), centers, atol=1e-5)
         np.testing.assert_array_equal(sampler.assignments.numpy(), assignments)

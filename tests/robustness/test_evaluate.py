@@ -193,6 +193,17 @@ class EvaluateBinaryTest(parameterized.TestCase):
                         result["masking_checks"]["certified_below_empirical"])
         # The certificate on the whole test split, beside the attacked subset.
         self.assertGreater(result["certified_test_examples"], 60)
+        # Progress: one labelled line per attack run, each printed once, then the summary table.
+        lines = out.stdout.strip().splitlines()
+        runs = [line for line in lines if line.startswith("[")]
+        self.assertLen(runs, len(result["attacks"]))
+        self.assertEqual(len(set(lines)), len(lines))  # no line twice
+        self.assertRegex(runs[0], r"^\[1/18\] l_inf PGD \(\w+ loss\) eps 0/255: [\d.]+% robust \(5 steps, \d+ s\)$")
+        self.assertTrue(any("Square eps 8/255" in line for line in runs), runs)
+        self.assertTrue(any("on the certified rule" in line for line in runs), runs)
+        table = lines[lines.index(next(l for l in lines if l.startswith("Results ("))):]
+        self.assertIn("certificate violations", "\n".join(table))
+        self.assertRegex("\n".join(table), r"certified accuracy, l2 0.5 \(\d+ test images\)\s+[\d.]+%")
         self.assertEqual(set(result["certified_accuracy_test_split"]), set(result["certified_accuracy"]))
         self.assertAlmostEqual(result["certified_accuracy_test_split"]["0.0"], result["clean_accuracy_test_split"],
                                delta=0.05)  # radius 0 only at exact ties

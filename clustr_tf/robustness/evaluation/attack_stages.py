@@ -32,7 +32,7 @@ def _record(results, progress, norm, eps, loss, iterations, restarts, accuracy, 
     results.append({"norm": norm, "eps": float(eps), "loss": loss, "iterations": iterations,
                     "restarts": restarts, "accuracy": accuracy, "scope": scope})
     if progress:
-        progress(len(results))
+        progress(len(results), results[-1])
 
 
 def gradient_attacks(model, model_fn, images, labels, clean, runs, config, progress=None):

@@ -24,7 +24,9 @@ def evaluate_robustness(model, images, labels, config, progress=None):
         images: float array [N, H, W, C] in [0, 1].
         labels: int array [N].
         config: `EvalConfig`.
-        progress: optional callable `progress(done, total)`.
+        progress: optional callable `progress(done, total, run)`, called after each attack
+            run with the runs done, their total and the run's record (an entry of
+            `attacks`).
 
     Returns:
         A dict with `num_examples`, `clean_accuracy`, `nearest_center_accuracy`,
@@ -52,7 +54,7 @@ def evaluate_robustness(model, images, labels, config, progress=None):
     labels = np.asarray(labels).reshape(-1)
     runs = planning.plan(config)
     total = len(runs) + len(config.stronger_eps) + len(config.square_eps) + sum(r > 0 for r in config.radii)
-    report = (lambda done: progress(done, total)) if progress else None
+    report = (lambda done, run: progress(done, total, run)) if progress else None
     model_fn = attacks.logits_function(model, config.neighbours)
     clean = certification.clean_pass(model, images, labels, config)
     results, worst = attack_stages.gradient_attacks(model, model_fn, images, labels, clean["clean"], runs, config,
