@@ -383,9 +383,6 @@ class RunConfig:
                   f"margin it trains for certifies nothing: pass `backbone`=lipschitz. (The bound of "
                   f"{model.backbone if model.backbone != 'auto' else 'the default backbone'} is a product of "
                   f"per-layer norms, 1e2 to 1e10 times too large.) Received: `backbone`={model.backbone}")
-        if objective.method != "clustr" and runtime.export_dir is not None:
-            _fail(f"`export_dir` exports ClusTR models only (the signatures need centers). Received: "
-                  f"`method`={objective.method}")
         epochs = runtime.epochs or DATASET_EPOCHS.get(data.dataset, EPOCHS)
         model_dir = runtime.model_dir or os.path.join(
             "runs", f"{data.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")

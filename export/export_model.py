@@ -52,8 +52,9 @@ def load_run(model_dir):
         model = models.load_model(path)
     except models.ModelFileError as e:
         raise ExportError(str(e)) from None
-    if not isinstance(model, models.ClusTRModel):
-        raise ExportError(f"{path} is not a ClusTR model (no cluster centers). Received: {type(model).__name__}")
+    if not isinstance(model, models.Classifier):
+        raise ExportError(f"{path} is not a model of this library (clustr_tf.models.Classifier). Received: "
+                          f"{type(model).__name__}")
     run_config = {}
     config_path = os.path.join(model_dir, "config.json")
     if os.path.exists(config_path):
@@ -87,15 +88,22 @@ def run(f):
     if version is not None:
         serving.check_new_version(f.export_dir, version)
     model, run_config = load_run(f.model_dir)
-    clusters = model.cluster_centers.num_clusters
-    neighbours = f.eval_L or min(run_config.get("eval_L") or serving.DEFAULT_EVAL_NEIGHBOURS, clusters)
-    if neighbours > clusters:
-        raise ExportError(f"--eval_L must be at most the number of clusters, {clusters}. Received: {neighbours}")
+    from clustr_tf import models
+
+    neighbours = None
+    if isinstance(model, models.ClusTRModel):
+        clusters = model.cluster_centers.num_clusters
+        neighbours = f.eval_L or min(run_config.get("eval_L") or serving.DEFAULT_EVAL_NEIGHBOURS, clusters)
+        if neighbours > clusters:
+            raise ExportError(f"--eval_L must be at most the number of clusters, {clusters}. Received: {neighbours}")
+    elif f.eval_L is not None:
+        raise ExportError(f"--eval_L applies to ClusTR models; {f.model_dir} holds a linear-head classifier. "
+                          f"Received: --eval_L={f.eval_L}")
     path = serving.export(model, f.export_dir, version=version, neighbours=neighbours,
                           model_name=f.model_name or serving.DEFAULT_MODEL_NAME,
                           compute_precision="float32" if f.precision == "float32" else None,
                           max_batch_size=f.max_batch_size)
-    logging.info("Exported %s (L=%d)", path, neighbours)
+    logging.info("Exported %s (L=%s)", path, neighbours)
     return path
 
 

@@ -72,12 +72,11 @@ class SoftmaxClassifier(models.Classifier):
         classes = tf.argmax(self.logits_from_features(features), axis=-1)
         return classes, classes
 
-    def certify_features(self, features):
+    def feature_certificate(self, features):
         """float64 `(feature_radius, classes, runner_up)` of the linear head
         (`certify.linear_feature_radius`, exact)."""
-        kernel, bias = (v.numpy().astype(np.float64) for v in (self.head.kernel, self.head.bias))
-        radius, classes, runner_up = certify.linear_feature_radius(np.asarray(features, np.float64), kernel, bias)
-        return radius.numpy(), classes.numpy(), runner_up.numpy()
+        return certify.linear_feature_radius(tf.cast(features, tf.float64), tf.cast(self.head.kernel, tf.float64),
+                                             tf.cast(self.head.bias, tf.float64))
 
     def get_config(self):
         return {

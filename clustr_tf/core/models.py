@@ -41,8 +41,9 @@ class Classifier(keras.Model):
       class logits (for ClusTR the log soft-kNC scores over `neighbours` = L);
     - `logits_are_log_scores`: whether exp(logits) are the raw scores the official
       evaluation attacks as logits (ClusTR) or the logits are those scores (a softmax);
-    - `certified_rule` and `certify_features(features)`: the decision a certificate speaks
-      about and, in float64, its feature-space radius, class and runner-up;
+    - `certified_rule`, `feature_certificate(features)` and `certify_features(features)`: the
+      decision a certificate speaks about and, in float64, its feature-space radius, class
+      and runner-up (as tensors, or numpy);
     - `decisions_from_features(features, neighbours=None)`: (predicted class, class of the
       certified rule); `prediction_function(neighbours=None)` traces it on images;
     - `evaluation_neighbours(requested=None)`: the L an evaluation uses (None: no L);
@@ -81,9 +82,15 @@ class Classifier(keras.Model):
         """(predicted class, certified-rule class), int64 [batch] each."""
         raise NotImplementedError
 
+    def feature_certificate(self, features):
+        """`(feature_radius, classes, runner_up)` tensors of the certified rule for float64
+        features [batch, D] (TensorFlow ops: it runs inside the exported signatures too)."""
+        raise NotImplementedError
+
     def certify_features(self, features):
         """float64 numpy `(feature_radius, classes, runner_up)` of the certified rule."""
-        raise NotImplementedError
+        radius, classes, runner_up = self.feature_certificate(tf.constant(np.asarray(features, np.float64)))
+        return radius.numpy(), classes.numpy(), runner_up.numpy()
 
     def prediction_function(self, neighbours=None):
         """A `tf.function` images -> (predicted class, class of the certified rule)."""
@@ -287,13 +294,12 @@ class ClusTRModel(Classifier):
         soft = tf.argmax(layer.logits_from_distances(distances, neighbours), axis=-1)
         return soft, tf.argmin(distances, axis=-1) // layer.clusters_per_class
 
-    def certify_features(self, features):
+    def feature_certificate(self, features):
         """float64 `(feature_radius, classes, runner_up)` of the nearest-center rule
         (`certify.feature_radius` against the stored centers)."""
         layer = self.cluster_centers
-        radius, classes, runner_up = certify.feature_radius(
-            np.asarray(features, np.float64), layer.centers.numpy().astype(np.float64), layer.clusters_per_class)
-        return radius.numpy(), classes.numpy(), runner_up.numpy()
+        return certify.feature_radius(tf.cast(features, tf.float64), tf.cast(layer.centers, tf.float64),
+                                      layer.clusters_per_class)
 
     def evaluation_neighbours(self, requested=None):
         """L of the soft-kNC rule at evaluation: `requested` (official: 20), at most C*K."""

@@ -96,20 +96,26 @@ def _checked(model, neighbours, lipschitz_bound):
     from clustr_tf.nets import lipschitz
     from clustr_tf.core import models
 
-    if not isinstance(model, models.ClusTRModel) or not model.built:
+    if not isinstance(model, models.Classifier) or not model.built:
         raise ExportError(
-            f"export needs a built ClusTR model (clustr_tf.models.ClusTRModel). Received: {type(model).__name__}"
+            "export needs a built classifier of this library (clustr_tf.models.ClusTRModel, or a linear-head "
+            f"baseline). Received: {type(model).__name__}"
         )
-    layer = model.cluster_centers
     image_shape = signatures.fixed_image_shape(model)
-    if neighbours is None:
-        neighbours = model.evaluation_neighbours()
-    if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or not (
-            1 <= neighbours <= layer.num_clusters):
-        raise ExportError(
-            f"`neighbours` (L) must be an integer in [1, {layer.num_clusters}] (the number of "
-            f"clusters). Received: {neighbours!r}"
-        )
+    if not isinstance(model, models.ClusTRModel):  # a linear head: no L
+        if neighbours is not None:
+            raise ExportError(f"`neighbours` (L) applies to ClusTR models only. Received: {neighbours!r} for a "
+                              f"{type(model).__name__}")
+    else:
+        layer = model.cluster_centers
+        if neighbours is None:
+            neighbours = model.evaluation_neighbours()
+        if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or not (
+                1 <= neighbours <= layer.num_clusters):
+            raise ExportError(
+                f"`neighbours` (L) must be an integer in [1, {layer.num_clusters}] (the number of "
+                f"clusters). Received: {neighbours!r}"
+            )
     if lipschitz_bound is None:
         try:
             with _single_threaded_blas():
@@ -118,7 +124,7 @@ def _checked(model, neighbours, lipschitz_bound):
             raise ExportError(f"No Lipschitz bound for the backbone, so no certificate: {e}") from None
     if not (np.isfinite(lipschitz_bound) and lipschitz_bound > 0):
         raise ExportError(f"`lipschitz_bound` must be finite and > 0. Received: {lipschitz_bound!r}")
-    return image_shape, int(neighbours), float(lipschitz_bound)
+    return image_shape, None if neighbours is None else int(neighbours), float(lipschitz_bound)
 
 
 def _traced(model, neighbours, lipschitz_bound, compute_precision, trained, max_batch_size):
@@ -156,13 +162,16 @@ def _metadata(model, image_shape, neighbours, lipschitz_bound, compute_precision
     """The contents of `assets.extra/clustr_export.json`."""
     import tensorflow as tf
 
-    layer = model.cluster_centers
+    from clustr_tf.core import models
+
+    clusters = model.cluster_centers.clusters_per_class if isinstance(model, models.ClusTRModel) else None
     return {
         "signatures": {name: list(signatures.SIGNATURE_OUTPUTS[name]) for name in signatures.SIGNATURES},
         "input": {"name": signatures.INPUT_NAME, "dtype": "float32", "shape": [None, *image_shape],
                   "range": [0.0, 1.0], "max_batch_size": max_batch_size},
-        "num_classes": layer.num_classes,
-        "clusters_per_class": layer.clusters_per_class,
+        "num_classes": model.num_classes,
+        "certified_rule": model.certified_rule,
+        "clusters_per_class": clusters,
         "neighbours": neighbours,
         "lipschitz_bound": lipschitz_bound,
         "compute_precision": compute_precision,
@@ -183,12 +192,15 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
     TF Serving, which polls `export_dir`, never sees a half-written version.
 
     Args:
-        model: a built `clustr_tf.models.ClusTRModel` whose backbone has a fixed input
-            shape (H, W, C) and a Lipschitz bound (`clustr_tf.lipschitz.model_bound`).
+        model: a built `clustr_tf.models.ClusTRModel` (or a linear-head baseline,
+            `baselines.SoftmaxClassifier`: its softmax and its own margin certificate)
+            whose backbone has a fixed input shape (H, W, C) and a Lipschitz bound
+            (`clustr_tf.lipschitz.model_bound`).
         export_dir: str, the model's base folder (TF Serving's `model_base_path`).
         version: int >= 1, or None for the next free version (max existing + 1, or 1).
         neighbours: int, L of the soft-kNC rule of `serving_default`; None means
-            min(20, number of clusters), the paper's evaluation L.
+            min(20, number of clusters), the paper's evaluation L (and no L for a linear
+            head).
         lipschitz_bound: float > 0 to store instead of computing
             `clustr_tf.lipschitz.model_bound(model.backbone)`.
         model_name: the model name written into the warmup requests.

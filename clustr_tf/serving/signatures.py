@@ -1,5 +1,6 @@
-"""The SavedModel's signatures: the serving functions of a ClusTR model, the contract of
-docs/serving.md, each on `images` float32 [batch, H, W, C] in [0, 1]:
+"""The SavedModel's signatures: the serving functions of a ClusTR model (or of the
+Lipschitz-margin linear-head baseline), the contract of docs/serving.md, each on `images`
+float32 [batch, H, W, C] in [0, 1]:
 
 - `serving_default` -> `probabilities` float32 [batch, classes] (soft kNC over the
   evaluation L nearest clusters) and `classes` int64 [batch] (their argmax);
@@ -8,7 +9,8 @@ docs/serving.md, each on `images` float32 [batch, H, W, C] in [0, 1]:
   `lipschitz_bound` float32 [batch] (the same stored bound on every row), `runner_up`
   int64 [batch] (the class the decision would change to first): the theorem of
   `clustr_tf.certify.feature_radius`, run inside the graph in float64 on the features;
-  radius = feature_radius / lipschitz_bound;
+  radius = feature_radius / lipschitz_bound. For a linear head: its softmax, its argmax
+  and its exact margin certificate (`certify.linear_feature_radius`);
 - `embed` -> `embeddings` float32 [batch, D].
 
 The graph checks every request first (rank, image size and channels, finite values in
@@ -92,11 +94,13 @@ def _check_inputs(images, image_shape, max_batch_size):
 
 
 def serving_functions(model, neighbours, lipschitz_bound, max_batch_size):
-    """The three signature functions of a ClusTR model, and the variable of the bound.
+    """The three signature functions of a classifier, and the variable of the bound.
 
     Args:
-        model: a built `clustr_tf.models.ClusTRModel` with a fixed input shape.
-        neighbours: int, L of the soft-kNC rule of `serving_default`.
+        model: a built `clustr_tf.models.Classifier` with a fixed input shape: a
+            `ClusTRModel` (soft kNC; certificate of the nearest center) or a
+            `baselines.SoftmaxClassifier` (softmax of the linear head; its certificate).
+        neighbours: int, L of the soft-kNC rule of `serving_default` (None for a linear head).
         lipschitz_bound: float > 0, the l2 Lipschitz bound of `model.backbone`.
         max_batch_size: int, the most images a request may hold (more: INVALID_ARGUMENT).
 
@@ -107,12 +111,9 @@ def serving_functions(model, neighbours, lipschitz_bound, max_batch_size):
     """
     import tensorflow as tf
 
-    from clustr_tf.core import certify
-
-    layer = model.cluster_centers
     image_shape = fixed_image_shape(model)
     spec = tf.TensorSpec([None, *image_shape], tf.float32, name=INPUT_NAME)
-    num_classes = layer.num_classes
+    num_classes = model.num_classes
     dim = int(model.backbone.compute_output_shape((None, *image_shape))[-1])
     bound = tf.Variable(lipschitz_bound, dtype=tf.float64, trainable=False, name="lipschitz_bound")
 
@@ -127,7 +128,7 @@ def serving_functions(model, neighbours, lipschitz_bound, max_batch_size):
 
     def predict(images):
         def compute(x):
-            logits = layer.logits_from_distances(layer.squared_distances(features(x)), neighbours)
+            logits = model.logits_from_features(features(x), neighbours)
             return {"probabilities": tf.nn.softmax(logits, axis=-1),
                     "classes": tf.argmax(logits, axis=-1, output_type=tf.int64)}
 
@@ -141,10 +142,7 @@ def serving_functions(model, neighbours, lipschitz_bound, max_batch_size):
         def compute(x):
             # float64: the radius is a difference of squared distances, which float32
             # computes with ~1e-3 relative error on trained CIFAR features (cancellation).
-            radius_f, classes, runner_up = certify.feature_radius(
-                tf.cast(features(x), tf.float64), tf.cast(layer.centers, tf.float64),
-                layer.clusters_per_class,
-            )
+            radius_f, classes, runner_up = model.feature_certificate(tf.cast(features(x), tf.float64))
             bound_value = tf.identity(bound)
             return {"classes": classes,
                     "radius": tf.cast(radius_f / bound_value, tf.float32),

@@ -337,9 +337,35 @@ class ExportFunctionTest(absltest.TestCase):
         for kwargs, pattern in cases:
             with self.assertRaisesRegex(serving.ExportError, pattern):
                 serving.export(self.model, **kwargs)
-        with self.assertRaisesRegex(serving.ExportError, "built ClusTR model"):
+        with self.assertRaisesRegex(serving.ExportError, "built classifier of this library"):
             serving.export(self.model.backbone, os.path.join(tmp, "a"))
         self.assertEqual(serving.existing_versions(os.path.join(tmp, "a")), [])
+
+    def test_a_linear_head_exports_with_its_own_certificate(self):
+        """The Lipschitz-margin baseline serves too: softmax of its head, and `certify` the
+        exact margin certificate of its head (`certify_features`), as evaluation computes."""
+        from clustr_tf import baselines
+
+        keras.utils.set_random_seed(1)
+        model = baselines.SoftmaxClassifier(backbones.get_backbone("lipschitz", SHAPE, mean=0.5), 3)
+        images = _images(16)
+        path = serving.export(model, os.path.join(_tempdir(self), "linear"))
+        loaded = tf.saved_model.load(path)
+        out = {k: v.numpy() for k, v in loaded.signatures["certify"](images=tf.constant(images)).items()}
+        radius, classes, runner_up = model.certify_features(model.embed(images).numpy())
+        np.testing.assert_array_equal(out["classes"], classes)
+        np.testing.assert_array_equal(out["runner_up"], runner_up)
+        np.testing.assert_allclose(out["feature_radius"], radius, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(out["lipschitz_bound"], 1.0)
+        np.testing.assert_allclose(out["radius"], radius, rtol=1e-5, atol=1e-7)
+        predict = loaded.signatures["serving_default"](images=tf.constant(images))
+        np.testing.assert_allclose(predict["probabilities"].numpy(), tf.nn.softmax(model(images)).numpy(), atol=1e-5)
+        with open(os.path.join(path, "assets.extra", serving.METADATA_FILE)) as fh:
+            metadata = json.load(fh)
+        self.assertEqual((metadata["certified_rule"], metadata["clusters_per_class"], metadata["neighbours"]),
+                         ("linear head", None, None))
+        with self.assertRaisesRegex(serving.ExportError, "`neighbours` \\(L\\) applies to ClusTR models only"):
+            serving.export(model, os.path.join(_tempdir(self), "linear"), neighbours=5)
 
     def test_backbone_without_a_bound_is_refused(self):
         backbone = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),

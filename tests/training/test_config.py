@@ -73,8 +73,6 @@ def test_learning_rate_defaults_per_dataset_and_backbone():
     pytest.param(lambda: c.RunConfig(model=c.Model(L=21)), ("`L` must be at most the number of clusters, 20",),
                  id="L_too_large"),
     pytest.param(lambda: c.RunConfig(model=c.Model(eval_L=30)), ("`eval_L` must be at most",), id="eval_L"),
-    pytest.param(lambda: c.RunConfig(objective=c.Objective(method="cross_entropy"), runtime=c.Runtime(export_dir="e")),
-                 ("exports ClusTR models only",), id="export_baseline"),
     pytest.param(lambda: c.RunConfig(data="cifar10"), ("`data` must be a config.Data",), id="section_type"),
 ])
 def test_bad_settings_name_what_and_what_was_received(build, expected):
