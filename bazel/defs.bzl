@@ -24,7 +24,7 @@ def pytest_test(name, src = None, deps = [], data = [], args = [], **attrs):
       src: the pytest file.
       deps: libraries the test imports.
       data: files and binaries the test reads or runs (a py_binary brings its runfiles).
-        pytest.ini is added, and requirements.txt: the third-party packages come from the
+        pytest.ini and tests/conftest.py are added, and requirements.txt: the third-party packages come from the
         virtualenv, outside Bazel, so a test result is cached only as long as the
         requirements the virtualenv was made from are the same.
       args: more pytest arguments.
@@ -37,6 +37,6 @@ def pytest_test(name, src = None, deps = [], data = [], args = [], **attrs):
         main = "//bazel:pytest_main.py",
         args = ["$(rootpath %s)" % src] + args,
         deps = deps,
-        data = data + [f for f in ("//:pytest.ini", "//:requirements.txt") if f not in data],
+        data = data + [f for f in ("//:pytest.ini", "//:requirements.txt", "//tests:conftest.py") if f not in data],
         **attrs
     )

@@ -3,10 +3,8 @@ its training through `fit` and the binary, and its evaluation."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import keras
 import numpy as np
@@ -23,11 +21,6 @@ from clustr_tf import training
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
-
 
 def _model(seed=0):
     keras.utils.set_random_seed(seed)
@@ -38,7 +31,7 @@ class SoftmaxClassifierTest(absltest.TestCase):
     def test_saves_and_loads(self):
         model = _model()
         x = np.random.default_rng(0).random((3, 8, 8, 1)).astype("float32")
-        path = os.path.join(_tempdir(self), "model.keras")
+        path = os.path.join(self.create_tempdir().full_path, "model.keras")
         model.save(path)
         loaded = keras.saving.load_model(path)
         np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
@@ -109,25 +102,25 @@ class TrainTest(absltest.TestCase):
 
     def test_cross_entropy_and_pgd_at_learn(self):
         for method in ("cross_entropy", "pgd_at"):
-            history, _ = self._train(method, _tempdir(self))
+            history, _ = self._train(method, self.create_tempdir().full_path)
             self.assertGreater(history[-1]["val_accuracy"], 0.6, (method, history))
             self.assertLess(history[-1]["loss"], history[0]["loss"])
             self.assertNotIn("val_nearest_center_accuracy", history[-1])
 
     def test_resumes_from_its_checkpoint(self):
-        model_dir = _tempdir(self)
+        model_dir = self.create_tempdir().full_path
         self._train("cross_entropy", model_dir, epochs=1)
         history, model = self._train("cross_entropy", model_dir, epochs=2)
         self.assertLen(history, 1)  # only epoch 2 ran: epoch 1 was restored
 
     def test_time_budget_stops_training_and_survives_a_restart(self):
-        model_dir = _tempdir(self)
+        model_dir = self.create_tempdir().full_path
         history, _ = self._train("cross_entropy", model_dir, epochs=50, budget=1e-3)
         self.assertLen(history, 1)  # the first epoch spends the budget
         self.assertGreater(history[0]["cpu_seconds"], 0.0)
         history, _ = self._train("cross_entropy", model_dir, epochs=50, budget=1e-3)
         self.assertEqual(history, [])  # the spent time was restored with the checkpoint
-        history, _ = self._train("cross_entropy", _tempdir(self), epochs=50, cpu_budget=1e-3)
+        history, _ = self._train("cross_entropy", self.create_tempdir().full_path, epochs=50, cpu_budget=1e-3)
         self.assertLen(history, 1)  # likewise in CPU time
 
     def test_objective_and_model_must_match(self):
@@ -146,7 +139,7 @@ class BinaryTest(absltest.TestCase):
                               capture_output=True, text=True, timeout=600)
 
     def test_train_then_evaluate_a_pgd_at_baseline(self):
-        run = os.path.join(_tempdir(self), "run")
+        run = os.path.join(self.create_tempdir().full_path, "run")
         out = self._run("main.py", "--method=pgd_at", "--pgd_iterations=2", "--epochs=2", "--lr=3e-3",
                         f"--model_dir={run}")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
@@ -170,7 +163,7 @@ class BinaryTest(absltest.TestCase):
                               (["--method=pgd_at", "--pgd_step=16"], "--pgd_eps, --pgd_step"),
                               (["--optimizer=rmsprop"], "Unknown --optimizer"),
                               (["--optimizer=sgd", "--momentum=1.5"], "--momentum must be in [0, 1)")):
-            out = self._run("main.py", *args, f"--model_dir={_tempdir(self)}/run")
+            out = self._run("main.py", *args, f"--model_dir={self.create_tempdir().full_path}/run")
             self.assertEqual(out.returncode, 2, out.stderr[-2000:])
             self.assertIn(message, out.stderr.strip().splitlines()[-1])
 

@@ -2,10 +2,8 @@
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import keras
@@ -22,11 +20,6 @@ from clustr_tf import sampler as sampler_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 def _data(seed=0, n_per_class=24, num_classes=3):
@@ -113,7 +106,7 @@ class FitIntegrationTest(absltest.TestCase):
         images, labels = _data(n_per_class=40)
         model = _compiled_model()
         sampler = sampler_lib.NeighbourhoodSampler(images, labels, 3, 2, m=3, d=8, seed=0)
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         callbacks = [
             clustering.ClusterRefresh(sampler),
             keras.callbacks.ModelCheckpoint(os.path.join(tmp, "ckpt.keras")),
@@ -163,7 +156,7 @@ class SaveReloadTest(absltest.TestCase):
         model.fit(sampler.dataset(), steps_per_epoch=2, epochs=1,
                   callbacks=[clustering.ClusterRefresh(sampler)], verbose=0)
         model.cluster_centers.variance.assign(0.375)
-        path = os.path.join(_tempdir(self), "model.keras")
+        path = os.path.join(self.create_tempdir().full_path, "model.keras")
         model.save(path)
         np.save(path + ".x.npy", images[:5])
         script = textwrap.dedent(
@@ -179,7 +172,7 @@ class SaveReloadTest(absltest.TestCase):
             """
         )
         env = dict(os.environ, PYTHONPATH=ROOT)
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=_tempdir(self))
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=self.create_tempdir().full_path)
         self.assertEqual(out.returncode, 0, out.stderr[-2000:])
         self.assertIn("variance 0.375 ClusTRModel 3 2 4", out.stdout)
         np.testing.assert_array_equal(np.load(path + ".centers.npy"), model.cluster_centers.centers.numpy())
@@ -195,7 +188,7 @@ def _run_readme_block(test, index, replace=None):
         (old,) = [l for l in code.splitlines() if l.startswith(start)]
         code = code.replace(old, line)
     cwd = os.getcwd()
-    os.chdir(_tempdir(test))
+    os.chdir(test.create_tempdir().full_path)
     try:
         namespace = {}
         exec(compile(code, "README.md", "exec"), namespace)

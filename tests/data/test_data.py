@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 from unittest import mock
 
 import numpy as np
@@ -16,12 +15,6 @@ from absl.testing import parameterized
 
 from clustr_tf import data
 
-
-def _tempdir(test_case):
-    """A temporary directory removed after the test (works under pytest)."""
-    path = tempfile.mkdtemp()
-    test_case.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def _dataset_to_numpy(ds):
@@ -208,7 +201,7 @@ class TfdsTest(parameterized.TestCase):
     @parameterized.parameters("cifar10", "cifar100", "svhn")
     def test_missing_dataset_without_download(self, name):
         """A real TFDS lookup in an empty data_dir, with downloads disabled."""
-        data_dir = _tempdir(self)
+        data_dir = self.create_tempdir().full_path
         for fn in (data.load, data.load_arrays):
             with self.assertRaises(data.DatasetNotFoundError) as ctx:
                 fn(name, "train", data_dir=data_dir, download=False)
@@ -223,7 +216,7 @@ class TfdsTest(parameterized.TestCase):
         fake = _FakeBuilder(
             prepared=False, download_error=ConnectionError("no network")
         )
-        data_dir = _tempdir(self)
+        data_dir = self.create_tempdir().full_path
         with mock.patch.object(data.tfds, "builder", return_value=fake) as m:
             with self.assertRaises(data.DatasetNotFoundError) as ctx:
                 data.load("svhn", "test", data_dir=data_dir)
@@ -359,7 +352,7 @@ def _sources(test_case, tree, shape=(32, 32, 3), seed=0):
         folder with them under one sub-folder, a .tar.gz with one top-level
         folder, and a .tar without one.
     """
-    tmp = _tempdir(test_case)
+    tmp = test_case.create_tempdir().full_path
     flat = os.path.join(tmp, "flat")
     pixels = _write_tree(flat, tree, shape, seed)
     nested = os.path.join(tmp, "nested")
@@ -593,7 +586,7 @@ class ClassNamesTest(absltest.TestCase):
 def _break_folder(test_case, kind, what):
     """A CIFAR-10 image folder (or its archive) with one defect."""
     tree = {"train": {"cat": ("0.png", "1.png")}, "test": {"cat": ("2.png",)}}
-    tmp = _tempdir(test_case)
+    tmp = test_case.create_tempdir().full_path
     folder = os.path.join(tmp, "folder")
     _write_tree(folder, tree, (32, 32, 3), seed=3)
     bad = {
@@ -722,7 +715,7 @@ class ImageFolderErrorsTest(parameterized.TestCase):
                 call()
 
     def test_generic_folder_without_splits(self):
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         _write(os.path.join(tmp, "cats", "0.png"), b"")
         with self.assertRaisesRegex(
             ValueError, r"No 'train' or 'test' split folder .*found: cats"
@@ -730,7 +723,7 @@ class ImageFolderErrorsTest(parameterized.TestCase):
             data.load_arrays("image_folder", "train", data_dir=tmp)
 
     def test_missing_paths(self):
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         with self.assertRaisesRegex(
             data.DatasetNotFoundError, r"nope\.tar\.gz could not be found"
         ):
@@ -746,7 +739,7 @@ class ImageFolderErrorsTest(parameterized.TestCase):
             )
 
     def test_not_an_archive(self):
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         corrupt = os.path.join(tmp, "corrupt.tar.gz")
         _write(corrupt, b"\x1f\x8b garbage that is not gzip")
         with self.assertRaisesRegex(

@@ -8,11 +8,9 @@ import functools
 import hashlib
 import http.server
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 
 import numpy as np
@@ -25,11 +23,6 @@ from clustr_tf import data
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAIN = os.path.join(ROOT, "training", "main.py")
 
-
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -71,7 +64,7 @@ def _closed_port():
 
 class LoopbackDownloadTest(absltest.TestCase):
     def test_cifar10_downloads_verifies_prepares_and_trains(self):
-        served, tfds_dir = _tempdir(self), _tempdir(self)
+        served, tfds_dir = self.create_tempdir().full_path, self.create_tempdir().full_path
         path, expected = release_files.cifar10_binary(served, per_batch=50)
         url = _serve(self, served)
         mirror = data.Mirror(url, checksums={"cifar-10-binary.tar.gz": _checksum(path)})
@@ -94,7 +87,7 @@ class LoopbackDownloadTest(absltest.TestCase):
         self.assertIn("cifar10: 250 training images", out.stderr)
 
     def test_svhn_downloads_its_three_files(self):
-        served, tfds_dir = _tempdir(self), _tempdir(self)
+        served, tfds_dir = self.create_tempdir().full_path, self.create_tempdir().full_path
         _, expected = release_files.svhn_mat(served, train=9, test=5, extra=3)
         url = _serve(self, served)
         checksums = {f"{s}_32x32.mat": _checksum(os.path.join(served, f"{s}_32x32.mat"))
@@ -120,7 +113,7 @@ class LoopbackDownloadTest(absltest.TestCase):
         return message
 
     def test_wrong_checksum_truncated_file_and_server_down(self):
-        served, tfds_dir = _tempdir(self), _tempdir(self)
+        served, tfds_dir = self.create_tempdir().full_path, self.create_tempdir().full_path
         path, _ = release_files.cifar10_binary(served, per_batch=50)
         size, sha256 = _checksum(path)
         url = _serve(self, served)
@@ -135,7 +128,7 @@ class LoopbackDownloadTest(absltest.TestCase):
     def test_the_binary_checks_a_mirror_against_the_registered_checksums(self):
         """--data_mirror serving a file that is not the real release: TFDS's registered
         checksum of cifar-10-binary.tar.gz refuses it, in one line, exit status 1."""
-        served, tfds_dir = _tempdir(self), _tempdir(self)
+        served, tfds_dir = self.create_tempdir().full_path, self.create_tempdir().full_path
         release_files.cifar10_binary(served)
         url = _serve(self, served)
         out = subprocess.run(
@@ -151,7 +144,7 @@ class LoopbackDownloadTest(absltest.TestCase):
 
     def test_mirror_must_be_a_url(self):
         with self.assertRaisesRegex(ValueError, "`mirror` must be a URL or a `Mirror`. Received: 3"):
-            data.load_arrays("cifar10", "train", data_dir=_tempdir(self), mirror=3)
+            data.load_arrays("cifar10", "train", data_dir=self.create_tempdir().full_path, mirror=3)
         np.testing.assert_equal(data.Mirror("http://x").checksums, None)
 
 

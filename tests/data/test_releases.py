@@ -4,10 +4,8 @@ round-trips its images and labels exactly, and a broken file is one clear error.
 import hashlib
 import os
 import pickle
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 from absl.testing import absltest
@@ -20,11 +18,6 @@ from clustr_tf.data import releases
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAIN = os.path.join(ROOT, "training", "main.py")
 
-
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 def _digest(path):
@@ -47,7 +40,7 @@ class RoundTripTest(parameterized.TestCase):
     @parameterized.named_parameters(*[(k, k) for k in WRITERS])
     def test_images_and_labels_round_trip(self, kind):
         name, write, kwargs = WRITERS[kind]
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         path, expected = write(folder, **kwargs)
         # The release itself, or the folder that holds it.
         for data_dir in (path, folder):
@@ -65,7 +58,7 @@ class RoundTripTest(parameterized.TestCase):
         np.testing.assert_array_equal([y for _, y in streamed], expected["test"][1])
 
     def test_svhn_label_10_is_the_digit_0(self):
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         _, expected = release_files.svhn_mat(folder, train=40, test=4)
         _, labels = data.load_arrays("svhn", "train", data_dir=folder, dtype="uint8")
         self.assertIn(0, labels)
@@ -73,7 +66,7 @@ class RoundTripTest(parameterized.TestCase):
         np.testing.assert_array_equal(labels, expected["train"][1])
 
     def test_other_data_dirs_are_not_releases(self):
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         self.assertIsNone(releases.find("cifar10", folder))  # an empty (TFDS) data_dir
         self.assertIsNone(releases.find("cifar10", None))
         self.assertIsNone(releases.find("digits", folder))
@@ -95,7 +88,7 @@ class BrokenFileTest(parameterized.TestCase):
     @parameterized.parameters("cifar10_python", "cifar10_binary", "cifar100_python")
     def test_truncated_archive(self, kind):
         name, write, kwargs = WRITERS[kind]
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         path, _ = write(folder, per_batch=40, **kwargs) if name == "cifar10" else write(folder, train=200, **kwargs)
         with open(path, "rb") as fh:
             blob = fh.read()
@@ -106,14 +99,14 @@ class BrokenFileTest(parameterized.TestCase):
         self.assertEqual(_digest(path), before)  # nothing was touched
 
     def test_binary_batch_of_the_wrong_size(self):
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         path, _ = release_files.cifar10_binary(folder, extracted=True)
         with open(os.path.join(path, "test_batch.bin"), "ab") as fh:
             fh.write(b"\x00" * 17)
         self._fails("cifar10", path, "test", "test_batch.bin", "3073-byte records")
 
     def test_missing_batch(self):
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         path, _ = release_files.cifar10_python(folder, extracted=True)
         os.remove(os.path.join(path, "data_batch_3"))
         self._fails("cifar10", path, "train", "data_batch_3", path)
@@ -121,7 +114,7 @@ class BrokenFileTest(parameterized.TestCase):
         self.assertEqual(len(labels), 6)
 
     def test_a_pickle_that_would_run_code_is_refused(self):
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         path, _ = release_files.cifar10_python(folder, extracted=True)
 
         class Payload:
@@ -133,14 +126,14 @@ class BrokenFileTest(parameterized.TestCase):
         self._fails("cifar10", path, "test", "test_batch", "not a CIFAR python batch", "refused global")
 
     def test_a_batch_of_another_layout(self):
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         path, _ = release_files.cifar10_python(folder, extracted=True)
         with open(os.path.join(path, "test_batch"), "wb") as fh:
             pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, fh, protocol=2)
         self._fails("cifar10", path, "test", "uint8 [N, 3072]", "[2, 100]")
 
     def test_corrupt_mat_file(self):
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         release_files.svhn_mat(folder)
         path = os.path.join(folder, "test_32x32.mat")
         with open(path, "wb") as fh:
@@ -154,7 +147,7 @@ class BrokenFileTest(parameterized.TestCase):
 
 class BinaryTest(absltest.TestCase):
     def test_trains_from_a_cifar10_python_tarball(self):
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         path, _ = release_files.cifar10_python(folder, per_batch=50)
         run = os.path.join(folder, "run")
         out = subprocess.run(
@@ -166,7 +159,7 @@ class BinaryTest(absltest.TestCase):
         self.assertTrue(os.path.exists(os.path.join(run, "metrics.json")))
 
     def test_a_truncated_tarball_is_one_line(self):
-        folder = _tempdir(self)
+        folder = self.create_tempdir().full_path
         path, _ = release_files.cifar10_python(folder, per_batch=40)
         with open(path, "r+b") as fh:
             fh.truncate(os.path.getsize(path) // 2)

@@ -1,10 +1,8 @@
 """Tests for clustr_tf.backbones."""
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import keras
 import numpy as np
@@ -17,12 +15,6 @@ from clustr_tf import backbones
 def _num_trainable(model):
     return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
-
-def _tempdir(test_case):
-    """A temporary directory removed after the test (works under pytest)."""
-    path = tempfile.mkdtemp()
-    test_case.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def _random_images(shape, batch=4, seed=0):
@@ -224,7 +216,7 @@ class SerializationTest(parameterized.TestCase):
         x = _random_images((8, 8, 1), batch=8, seed=3)
         model.compile(optimizer="sgd", loss="mse")
         model.fit(x, np.zeros((8,) + model.output_shape[1:]), epochs=1, verbose=0)
-        path = os.path.join(_tempdir(self), "model.keras")
+        path = os.path.join(self.create_tempdir().full_path, "model.keras")
         model.save(path)
         reloaded = keras.saving.load_model(path)
         np.testing.assert_array_equal(
@@ -237,7 +229,7 @@ class SerializationTest(parameterized.TestCase):
         model = backbones.small_convnet((8, 8, 1), width=4, embedding_dim=3)
         x = _random_images((8, 8, 1), batch=2)
         expected = keras.ops.convert_to_numpy(model(x, training=False))
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         path = os.path.join(tmp, "model.keras")
         model.save(path)
         np.save(os.path.join(tmp, "x.npy"), x)

@@ -8,8 +8,6 @@ norm, so each test also checks that the adversary got close to 1 (the test can f
 """
 
 import os
-import shutil
-import tempfile
 
 import keras
 import numpy as np
@@ -24,11 +22,6 @@ from clustr_tf import lipschitz_layers
 
 TOL = 1e-4
 
-
-def _tempdir(test_case):
-    path = tempfile.mkdtemp()
-    test_case.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def _norm(t):
@@ -226,7 +219,7 @@ class SerializationTest(absltest.TestCase):
         keras.utils.set_random_seed(0)
         model = _small_model()
         x = np.random.default_rng(0).random((4, 8, 8, 2)).astype("float32")
-        path = os.path.join(_tempdir(self), "model.keras")
+        path = os.path.join(self.create_tempdir().full_path, "model.keras")
         model.save(path)
         reloaded = keras.saving.load_model(path)
         np.testing.assert_array_equal(model(x).numpy(), reloaded(x).numpy())
@@ -237,7 +230,7 @@ class SerializationTest(absltest.TestCase):
         keras.utils.set_random_seed(0)
         model = backbones.lipschitz_convnet((8, 8, 1), width=4, feature_dim=6, mean=0.3, std=0.4)
         x = np.random.default_rng(0).random((4, 8, 8, 1)).astype("float32")
-        path = os.path.join(_tempdir(self), "model.keras")
+        path = os.path.join(self.create_tempdir().full_path, "model.keras")
         model.save(path)
         reloaded = keras.saving.load_model(path)
         np.testing.assert_array_equal(model(x).numpy(), reloaded(x).numpy())

@@ -5,10 +5,8 @@ otherwise; a bfloat16 run learns as well as a float32 one."""
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import keras
 import numpy as np
@@ -33,11 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LOSS_RTOL, LOSS_ATOL = 0.01, 0.005
 GRADIENT_COSINE = 0.9
 
-
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 def _restore_policy(test):
@@ -154,7 +147,7 @@ class ConfigTest(absltest.TestCase):
 
     def test_optimizer_scales_the_loss_for_float16_only(self):
         for mixed, scaled in ((None, False), ("float16", True), ("bfloat16", False)):
-            config = config_lib.RunConfig(runtime=config_lib.Runtime(model_dir=_tempdir(self), mixed_precision=mixed))
+            config = config_lib.RunConfig(runtime=config_lib.Runtime(model_dir=self.create_tempdir().full_path, mixed_precision=mixed))
             optimizer = training.optimizer_of(config, steps=10)
             self.assertEqual(isinstance(optimizer, keras.optimizers.LossScaleOptimizer), scaled, mixed)
 
@@ -173,11 +166,11 @@ class ConfigTest(absltest.TestCase):
                                ("--nomixed_precision", None)):
             flag_values = flags.FlagValues()
             config_flags.define_flags(flag_values)
-            flag_values(main_lib.legacy_argv(["main.py", flag, f"--model_dir={_tempdir(self)}/run"]))
+            flag_values(main_lib.legacy_argv(["main.py", flag, f"--model_dir={self.create_tempdir().full_path}/run"]))
             config = config_flags.config_from_flags(flag_values)
             self.assertEqual(config.runtime.mixed_precision, expected, flag)
             self.assertEqual(config.flat()["mixed_precision"], expected, flag)  # what config.json records
-        out = subprocess.run([sys.executable, main, "--mixed_precision=int8", f"--model_dir={_tempdir(self)}"],
+        out = subprocess.run([sys.executable, main, "--mixed_precision=int8", f"--model_dir={self.create_tempdir().full_path}"],
                              capture_output=True, text=True, timeout=120)
         self.assertEqual(out.returncode, 2, out.stderr)
         self.assertEqual(out.stderr.strip().splitlines(), [
@@ -192,7 +185,7 @@ class RunTest(absltest.TestCase):
         _restore_policy(self)
         results = {}
         for mixed in (None, "bfloat16"):
-            cfg = config_lib.RunConfig(runtime=config_lib.Runtime(model_dir=_tempdir(self), mixed_precision=mixed))
+            cfg = config_lib.RunConfig(runtime=config_lib.Runtime(model_dir=self.create_tempdir().full_path, mixed_precision=mixed))
             results[mixed] = (cfg, training.run(cfg))
         (_, m32), (cfg16, m16) = results[None], results["bfloat16"]
         self.assertEqual(keras.mixed_precision.global_policy().name, "float32")  # the run restored it
@@ -205,7 +198,7 @@ class RunTest(absltest.TestCase):
         model = keras.saving.load_model(os.path.join(cfg16.runtime.model_dir, "model.keras"))
         self.assertEqual(precision.of(model), "bfloat16")
         self.assertEqual(model.cluster_centers.compute_dtype, "float32")
-        export_dir = _tempdir(self)
+        export_dir = self.create_tempdir().full_path
         images = data.load_arrays("digits", "test")[0][:5]
         outputs = {}
         for compute in ("float32", None):

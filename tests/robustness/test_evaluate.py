@@ -139,11 +139,6 @@ class EvaluateRobustnessTest(absltest.TestCase):
             evaluation.evaluate_robustness(self.model, self.images, self.labels, config)
 
 
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
-
 
 class EvaluateBinaryTest(parameterized.TestCase):
     @classmethod
@@ -257,7 +252,7 @@ class EvaluateBinaryTest(parameterized.TestCase):
         self.assertIn(message, last)
 
     def test_run_without_model_and_corrupt_model(self):
-        empty = _tempdir(self)
+        empty = self.create_tempdir().full_path
         out = self._evaluate(f"--model_dir={empty}")
         self.assertIn("No model.keras", out.stderr.strip().splitlines()[-1])
         with open(os.path.join(empty, "model.keras"), "wb") as fh:

@@ -39,11 +39,6 @@ CLIENT = os.path.join(ROOT, "export", "client.py")
 SHAPE = (8, 8, 1)
 
 
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
-
 
 def _images(n, seed=1):
     return np.random.default_rng(seed).random((n, *SHAPE)).astype("float32")
@@ -318,7 +313,7 @@ class ServedModelTest(parameterized.TestCase):
         self.assertLess(time.perf_counter() - start, 5)
 
     def test_cli_prints_the_outputs_as_json(self):
-        work = _tempdir(self)
+        work = self.create_tempdir().full_path
         np.save(os.path.join(work, "x.npy"), (self.images * 255).round().astype(np.uint8))  # uint8 is scaled
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         out = subprocess.run([sys.executable, CLIENT, f"--rest={self.servers.rest_url}", "--signature=certify",
@@ -352,7 +347,7 @@ class ServedModelTest(parameterized.TestCase):
     def test_works_without_tensorflow(self):
         """The library and the command, with TensorFlow and Keras made unimportable: REST
         requests on .npy images need NumPy only."""
-        work = _tempdir(self)
+        work = self.create_tempdir().full_path
         np.save(os.path.join(work, "x.npy"), self.images)
         blocked = "import sys; sys.modules.update(tensorflow=None, keras=None, tensorflow_serving=None); "
         program = (blocked + f"sys.path.insert(0, {ROOT!r}); import numpy as np; "
@@ -373,7 +368,7 @@ class ServedModelTest(parameterized.TestCase):
         self.assertEqual(json.loads(out.stdout.strip().splitlines()[-1])["classes"], expected["classes"].tolist())
 
     def test_cli_bad_usage(self):
-        work = _tempdir(self)
+        work = self.create_tempdir().full_path
         np.save(os.path.join(work, "x.npy"), self.images)
         cases = [
             ([f"--images={work}/x.npy"], "exactly one of --rest"),

@@ -38,11 +38,6 @@ OUTPUT_DTYPES = {
 }
 
 
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
-
 
 def _images(n, seed=1):
     return np.random.default_rng(seed).random((n, *SHAPE)).astype("float32")
@@ -247,7 +242,7 @@ class ExportedSavedModelTest(parameterized.TestCase):
             np.testing.assert_allclose(out[key], value, rtol=1e-6, err_msg=key)
 
     def test_loads_and_runs_in_a_fresh_process_without_the_project(self):
-        work = _tempdir(self)
+        work = self.create_tempdir().full_path
         np.save(os.path.join(work, "images.npy"), self.images)
         script = (
             "import importlib.util, json, sys\n"
@@ -273,7 +268,7 @@ class ExportedSavedModelTest(parameterized.TestCase):
     def test_saved_model_cli_show_and_run(self):
         env = _env_without_project()
         show = subprocess.run([SAVED_MODEL_CLI, "show", "--dir", self.path, "--all"], capture_output=True,
-                              text=True, timeout=300, env=env, cwd=_tempdir(self))
+                              text=True, timeout=300, env=env, cwd=self.create_tempdir().full_path)
         self.assertEqual(show.returncode, 0, show.stderr[-3000:])
         text = show.stdout
         blocks = {b.split("']", 1)[0]: b for b in text.split("signature_def['")[1:]}
@@ -288,7 +283,7 @@ class ExportedSavedModelTest(parameterized.TestCase):
         self.assertIn("shape: (-1, 3)", blocks["serving_default"])
         self.assertIn("shape: (-1, 16)", blocks["embed"])
 
-        work = _tempdir(self)
+        work = self.create_tempdir().full_path
         np.save(os.path.join(work, "images.npy"), self.images[:5])
         out_dir = os.path.join(work, "out")
         run = subprocess.run(
@@ -309,7 +304,7 @@ class ExportFunctionTest(absltest.TestCase):
         cls.model = tiny_model(seed=3)
 
     def test_versions_are_never_overwritten(self):
-        base = os.path.join(_tempdir(self), "m")
+        base = os.path.join(self.create_tempdir().full_path, "m")
         first = serving.export(self.model, base, verify=False)
         self.assertEqual(first, os.path.join(base, "1"))
         stamp = os.path.getmtime(os.path.join(first, "saved_model.pb"))
@@ -322,7 +317,7 @@ class ExportFunctionTest(absltest.TestCase):
         self.assertEqual(sorted(os.listdir(base)), ["1", "7", "8", "not_a_version"])
 
     def test_bad_arguments(self):
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         blocker = os.path.join(tmp, "file")
         with open(blocker, "w") as fh:
             fh.write("keep")
@@ -349,7 +344,7 @@ class ExportFunctionTest(absltest.TestCase):
         keras.utils.set_random_seed(1)
         model = baselines.SoftmaxClassifier(backbones.get_backbone("lipschitz", SHAPE, mean=0.5), 3)
         images = _images(16)
-        path = serving.export(model, os.path.join(_tempdir(self), "linear"))
+        path = serving.export(model, os.path.join(self.create_tempdir().full_path, "linear"))
         loaded = tf.saved_model.load(path)
         out = {k: v.numpy() for k, v in loaded.signatures["certify"](images=tf.constant(images)).items()}
         radius, classes, runner_up = model.certify_features(model.embed(images).numpy())
@@ -365,14 +360,14 @@ class ExportFunctionTest(absltest.TestCase):
         self.assertEqual((metadata["certified_rule"], metadata["clusters_per_class"], metadata["neighbours"]),
                          ("linear head", None, None))
         with self.assertRaisesRegex(serving.ExportError, "`neighbours` \\(L\\) applies to ClusTR models only"):
-            serving.export(model, os.path.join(_tempdir(self), "linear"), neighbours=5)
+            serving.export(model, os.path.join(self.create_tempdir().full_path, "linear"), neighbours=5)
 
     def test_backbone_without_a_bound_is_refused(self):
         backbone = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
                                      keras.layers.Dense(4, activation="tanh")])
         model = models.ClusTRModel(backbone, num_classes=2, clusters_per_class=1, neighbours=2)
         with self.assertRaisesRegex(serving.ExportError, "No Lipschitz bound .* 'tanh'"):
-            serving.export(model, os.path.join(_tempdir(self), "m"))
+            serving.export(model, os.path.join(self.create_tempdir().full_path, "m"))
 
 
 def _save_run(run_dir, model, eval_l=4):
@@ -411,10 +406,10 @@ class ExportBinaryTest(parameterized.TestCase):
 
     def _export(self, *args):
         return subprocess.run([sys.executable, EXPORT, *args], capture_output=True, text=True, timeout=300,
-                              cwd=_tempdir(self), env=_env_without_project())
+                              cwd=self.create_tempdir().full_path, env=_env_without_project())
 
     def test_exports_the_next_version_with_the_run_eval_L(self):
-        base = os.path.join(_tempdir(self), "serving", "clustr")
+        base = os.path.join(self.create_tempdir().full_path, "serving", "clustr")
         out = self._export(f"--model_dir={self.run_dir}", f"--export_dir={base}")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         self.assertEqual(out.stdout.strip().splitlines()[-1], os.path.join(base, "1"))
@@ -448,7 +443,7 @@ class ExportBinaryTest(parameterized.TestCase):
          "--max_batch_size must be >= 1. Received: 0"),
     )
     def test_bad_input_fails_with_one_line(self, args, message):
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         os.makedirs(os.path.join(tmp, "b", "2"))
         with open(os.path.join(tmp, "b", "2", "keep"), "w") as fh:
             fh.write("keep me")
@@ -465,7 +460,7 @@ class ExportBinaryTest(parameterized.TestCase):
             self.assertEqual(fh.read(), "keep me")
 
     def test_corrupt_model_file(self):
-        run = _tempdir(self)
+        run = self.create_tempdir().full_path
         with open(os.path.join(run, "model.keras"), "wb") as fh:
             fh.write(b"not a zip")
         out = self._export(f"--model_dir={run}", f"--export_dir={run}/b")
@@ -478,7 +473,7 @@ class ExportBinaryTest(parameterized.TestCase):
 
 class TrainingBinaryExportTest(absltest.TestCase):
     def test_main_exports_at_the_end_and_the_run_goes_back_to_keras(self):
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         run_dir, base = os.path.join(tmp, "run"), os.path.join(tmp, "serving")
         out = subprocess.run([sys.executable, MAIN, "--epochs=1", "--steps_per_epoch=2", f"--model_dir={run_dir}",
                               f"--export_dir={base}"], capture_output=True, text=True, timeout=600, cwd=tmp)
@@ -514,7 +509,7 @@ class TrainingBinaryExportTest(absltest.TestCase):
         self.assertEqual(serving.export(model, base, verify=False), os.path.join(base, "2"))
 
     def test_main_refuses_a_bad_export_dir_before_training(self):
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         blocker = os.path.join(tmp, "file")
         with open(blocker, "w") as fh:
             fh.write("keep me")
@@ -529,7 +524,7 @@ class TrainingBinaryExportTest(absltest.TestCase):
 
 class ServingLatencyBenchmarkSmokeTest(absltest.TestCase):
     def test_tiny_run_prints_and_writes_the_result(self):
-        out_path = os.path.join(_tempdir(self), "result.json")
+        out_path = os.path.join(self.create_tempdir().full_path, "result.json")
         run = subprocess.run(
             [sys.executable, os.path.join(ROOT, "benchmarks", "serving_latency.py"), "--width_multiplier=0.0625",
              "--latency_calls=5", "--throughput_batches=1", "--throughput_batch=16", f"--out={out_path}"],

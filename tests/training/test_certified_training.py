@@ -4,10 +4,8 @@ settings fail with one clear error, and a short digits run certifies what it tra
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import keras
 import numpy as np
@@ -25,11 +23,6 @@ from clustr_tf.core import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 def _direct_margin_magnet(features, clusters, k, alpha, margin):
@@ -230,7 +223,7 @@ class CertifiedClusTRTest(parameterized.TestCase):
         self.assertIn("certified_accuracy", history.history)
         self.assertFalse(np.allclose(model.cluster_centers.centers.numpy(), started))
         self.assertEqual(objective.callbacks(batches, resumed=True), [])
-        path = os.path.join(_tempdir(self), "model.keras")
+        path = os.path.join(self.create_tempdir().full_path, "model.keras")
         model.save(path)
         loaded = keras.saving.load_model(path)
         self.assertTrue(loaded.cluster_centers.trainable_centers)
@@ -294,11 +287,11 @@ class RecipeTest(absltest.TestCase):
 
     def test_lr_schedule_settings(self):
         cfg = config_lib.RunConfig(optimizer=config_lib.Optimizer(lr_schedule="cosine"),
-                                   runtime=config_lib.Runtime(model_dir=_tempdir(self)))
+                                   runtime=config_lib.Runtime(model_dir=self.create_tempdir().full_path))
         self.assertEqual(cfg.optimizer.lr_milestones, ())
         with self.assertRaisesRegex(config_lib.ConfigError, "`lr_milestones` applies to `lr_schedule`=milestones"):
             config_lib.RunConfig(optimizer=config_lib.Optimizer(lr_schedule="cosine", lr_milestones="3,6"),
-                                 runtime=config_lib.Runtime(model_dir=_tempdir(self)))
+                                 runtime=config_lib.Runtime(model_dir=self.create_tempdir().full_path))
         with self.assertRaisesRegex(config_lib.ConfigError, "lr_schedule"):
             config_lib.Optimizer(lr_schedule="linear")
         with self.assertRaisesRegex(config_lib.ConfigError, "`lr_horizon_cpu_minutes` must be > 0"):
@@ -344,7 +337,7 @@ class NeedsAnExactBoundTest(absltest.TestCase):
             with self.assertRaisesRegex(config_lib.ConfigError, "exact by construction.*pass `backbone`=lipschitz"):
                 config_lib.RunConfig(model=config_lib.Model(backbone=backbone),
                                      objective=config_lib.Objective(certified_margin=0.5),
-                                     runtime=config_lib.Runtime(model_dir=_tempdir(self)))
+                                     runtime=config_lib.Runtime(model_dir=self.create_tempdir().full_path))
 
     def test_binary_says_what_to_pass(self):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -353,7 +346,7 @@ class NeedsAnExactBoundTest(absltest.TestCase):
                 (["--certified_margin=0.5"], "needs a backbone whose Lipschitz bound is exact by construction"),
                 (["--certified_margin=-1", "--backbone=lipschitz"], "--certified_margin must be a finite l2 radius"),
                 (["--certified_margin=nan", "--backbone=lipschitz"], "--certified_margin must be a finite l2 radius")):
-            out = subprocess.run([sys.executable, main, *args, f"--model_dir={_tempdir(self)}"],
+            out = subprocess.run([sys.executable, main, *args, f"--model_dir={self.create_tempdir().full_path}"],
                                  capture_output=True, text=True, env=env, timeout=120)
             self.assertEqual(out.returncode, 2, out.stderr)
             self.assertIn(message, out.stderr)
@@ -373,7 +366,7 @@ class CertifiedRunTest(absltest.TestCase):
 
         images, labels = data.load_arrays("digits", "test")
         for method in ("clustr", "cross_entropy"):
-            run_dir = _tempdir(self)
+            run_dir = self.create_tempdir().full_path
             cfg = config_lib.RunConfig(model=config_lib.Model(backbone="lipschitz"),
                                        objective=config_lib.Objective(method=method, certified_margin=0.5),
                                        runtime=config_lib.Runtime(epochs=20, model_dir=run_dir))
@@ -398,7 +391,7 @@ class CertifiedRunTest(absltest.TestCase):
             self.assertTrue(np.all(robust), f"{method}: {np.sum(~robust)} certified examples broken")
             if method != "clustr":
                 continue
-            path = serving.export(model, _tempdir(self))
+            path = serving.export(model, self.create_tempdir().full_path)
             out = tf.saved_model.load(path).signatures["certify"](images=tf.constant(images[:64]))
             np.testing.assert_allclose(out["radius"].numpy(), radius_f[:64], rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(out["classes"].numpy(), classes[:64])

@@ -4,11 +4,9 @@ with 2 worker processes on localhost. Each runs tests/training/distributed_run.p
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 from absl.testing import absltest
@@ -18,11 +16,6 @@ from clustr_tf import distribute
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "training", "distributed_run.py")
 
-
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 def _free_port():
@@ -40,7 +33,7 @@ def _env(**extra):
 
 class MirroredTest(absltest.TestCase):
     def test_two_replicas_train_identically_and_scale_the_loss(self):
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         out = os.path.join(tmp, "result.json")
         proc = subprocess.run(
             [sys.executable, SCRIPT, "--strategy=mirrored", f"--out={out}", f"--model_dir={tmp}",
@@ -63,7 +56,7 @@ class MirroredTest(absltest.TestCase):
 
 class MultiWorkerTest(absltest.TestCase):
     def test_two_workers_train_identically(self):
-        tmp = _tempdir(self)
+        tmp = self.create_tempdir().full_path
         ports = [_free_port(), _free_port()]
         cluster = {"worker": [f"localhost:{p}" for p in ports]}
         procs, outs = [], []

@@ -3,8 +3,6 @@ objective trains through the model's unchanged `train_step` and `fit`."""
 
 import csv
 import os
-import shutil
-import tempfile
 
 import keras
 import numpy as np
@@ -20,11 +18,6 @@ from clustr_tf import objectives
 from clustr_tf import sampler as sampler_lib
 from clustr_tf import training
 
-
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 def _digits(n=240):
@@ -124,7 +117,7 @@ class NewObjectiveTest(absltest.TestCase):
         model = objective.build_model(_backbone(), 10)
         model.compile(optimizer=keras.optimizers.Adam(3e-3), objective=objective)
         images, labels = _digits(480)
-        run = _tempdir(self)
+        run = self.create_tempdir().full_path
         history, _ = training.train(model, objective.batches(images, labels, 10, seed=0), run, 3, 4,
                                     test=tf.data.Dataset.from_tensor_slices((images, labels)), verbose=0)
         self.assertLess(history[-1]["loss"], history[0]["loss"])

@@ -2,8 +2,6 @@
 (`training.train`) on one device: objective, QTRADES, XLA, state, resume, budgets."""
 
 import os
-import shutil
-import tempfile
 
 import keras
 import numpy as np
@@ -18,11 +16,6 @@ from clustr_tf import objectives
 from clustr_tf import sampler as sampler_lib
 from clustr_tf import training
 
-
-def _tempdir(test):
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 def _data(seed=0, n_per_class=24):
@@ -50,7 +43,7 @@ class _Run:
         self.model.compile(optimizer=optimizer or keras.optimizers.Adam(1e-2), objective=self.objective,
                            jit_compile=jit_compile)
         self.sampler = self.objective.batches(self.images, self.labels, 3, seed=seed)
-        self.model_dir = _tempdir(test)
+        self.model_dir = test.create_tempdir().full_path
         self.test = tf.data.Dataset.from_tensor_slices((self.images, self.labels))
 
     def refresh(self):
