@@ -54,6 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import machine  # noqa: E402
+from clustr_tf import checks  # noqa: E402  (no TensorFlow)
 
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "certified.json")
 SHARED_CIFAR = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-jpeg.tar.gz")
@@ -216,14 +217,25 @@ def final(args, dataset, method, setting):
     run_dir = os.path.join(args.runs_dir, f"{dataset}-{method}")
     argv = train_argv(args, dataset, method, setting, s["cpu_minutes"])
     images, labels = _arrays(args, dataset, "test")
+    # Each point of the curve is kept in the run folder when it is measured, so a rerun
+    # after an interruption (or after the end) keeps the points of the parts already trained.
+    curve_path = os.path.join(run_dir, "curve.json")
+    saved = []
+    if os.path.exists(curve_path):
+        with open(curve_path) as fh:
+            saved = json.load(fh)
     curve, wall = [], 0.0
     for stage in range(1, s["stages"] + 1):
         metrics, seconds = train(argv, run_dir, s["cpu_minutes"] * stage / s["stages"], s["cpu_minutes"])
         wall += seconds
-        cert = certify_run(run_dir, images, labels, (s["radius"],))
-        curve.append({"train_cpu_minutes": round(metrics["train_cpu_seconds"] / 60, 2),
-                      "epochs": metrics["epochs_trained"], "clean_accuracy": cert["clean_accuracy"],
-                      "certified_accuracy": cert["certified_accuracy"][str(s["radius"])]})
+        if stage <= len(saved):
+            curve.append(saved[stage - 1])
+        else:
+            cert = certify_run(run_dir, images, labels, (s["radius"],))
+            curve.append({"train_cpu_minutes": round(metrics["train_cpu_seconds"] / 60, 2),
+                          "epochs": metrics["epochs_trained"], "clean_accuracy": cert["clean_accuracy"],
+                          "certified_accuracy": cert["certified_accuracy"][str(s["radius"])]})
+            checks.write_json(curve_path, curve)
         print(json.dumps({f"{dataset}/{method}": curve[-1]}), flush=True)
     robustness, eval_argv = evaluate_run(run_dir, dataset)
     return {

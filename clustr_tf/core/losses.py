@@ -76,8 +76,7 @@ def _magnet_from_distances(own, squared_distances, other_class, variance, alpha,
     return tf.where(has_other, value, tf.zeros_like(value))
 
 
-def magnet_loss(y_true, y_pred, clusters_per_class, alpha=config.MAGNET_ALPHA, num_clusters=None, epsilon=None,
-                feature_margin=0.0):
+def magnet_loss(y_true, y_pred, clusters_per_class, alpha=config.MAGNET_ALPHA, num_clusters=None, epsilon=None):
     """Batch-form magnet loss, one value per example.
 
     The clusters are those present in the batch: examples with the same cluster index form
@@ -96,14 +95,6 @@ def magnet_loss(y_true, y_pred, clusters_per_class, alpha=config.MAGNET_ALPHA, n
             (`jit_compile`); the values are the same.
         epsilon: None (default: uncapped), or `OFFICIAL_EPSILON` for the official code's
             capped form (see the module docstring).
-        feature_margin: float >= 0, a certified margin r in feature units (the input
-            radius times the backbone's Lipschitz bound): every other-class squared
-            distance d_j is replaced by d_j - 2 r ||mu_own - mu_j|| (batch means), the
-            value it takes at the worst feature displacement of norm r. Nearest-center
-            decisions are certified at feature radius r exactly when
-            d_j - 2 r ||mu_i - mu_j|| >= d_i for every other-class j, so the loss rewards
-            that margin in absolute units, which the scale-free magnet loss alone cannot.
-            0 (default): the magnet loss.
 
     Returns:
         float32 tensor [N].
@@ -141,15 +132,6 @@ def magnet_loss(y_true, y_pred, clusters_per_class, alpha=config.MAGNET_ALPHA, n
         clusters // clusters_per_class
     )[:, tf.newaxis]
     other_class = tf.logical_and(other_class, present[tf.newaxis, :])
-    if not feature_margin >= 0:
-        raise ValueError(f"`feature_margin` must be >= 0. Received: {feature_margin!r}")
-    if feature_margin:
-        # ||mu_own(n) - mu_u|| for every example n and cluster u (the own cluster's 0 is
-        # masked out below).
-        gaps = ops.pairwise_distances(means, means)
-        own_gaps = tf.gather(gaps, position)
-        squared_distances = tf.where(
-            other_class, squared_distances - 2.0 * float(feature_margin) * own_gaps, squared_distances)
     return _magnet_from_distances(own, squared_distances, other_class, variance, alpha, epsilon)
 
 

@@ -18,10 +18,12 @@ The methods:
   term (`xent_lambda`, raw scores S as logits), a cross-entropy on log S
   (`logits_xent_lambda`) and the QTRADES consistency term (`consistency_lambda`, in the
   official form or a TRADES-style KL);
-- `CrossEntropy`: a linear head and cross-entropy on shuffled batches;
-- either with `certified_margin`, on a Lipschitz-by-construction backbone: the same
-  objective at the worst case a perturbation of that l2 radius can do (certified training);
-- `PGDAT`: the same on PGD inputs (Madry et al.).
+- `CrossEntropy`: a linear head and cross-entropy on shuffled batches; with
+  `certified_margin`, on a Lipschitz-by-construction backbone, the Lipschitz-margin
+  cross-entropy (certified training);
+- `CertifiedClusTR` (`clustr_tf.training.certified`): certified ClusTR, trainable centers
+  trained on the certificate's own logits;
+- `PGDAT`: cross-entropy on PGD inputs (Madry et al.).
 
 A new method is a new `Objective` subclass: `losses` (and, if it needs them, `batches`,
 `build_model`, `callbacks`, `evaluation`); the training step does not change.
@@ -111,7 +113,7 @@ class PGDAT(CrossEntropy):
         return baselines.pgd_perturbation(model, images, labels, self.eps, self.step, self.iterations, seed)
 
 
-class ClusTR(CertifiedMargin, Objective):
+class ClusTR(Objective):
     """ClusTR: the magnet loss on neighbourhood batches, with its optional terms (see
     `per_example_objective`), on a `models.ClusTRModel`.
 
@@ -127,13 +129,6 @@ class ClusTR(CertifiedMargin, Objective):
         consistency: its form, one of `config.CONSISTENCY_FORMS`.
         consistency_eps, consistency_step: its perturbation (official 8/255, 10/255).
         refresh_every: re-cluster after every this many epochs (official 1).
-        certified_margin: an l2 radius eps in pixels (0: off, the paper's objective). With
-            it, certified ClusTR: the magnet loss with every other-class squared distance
-            reduced by 2 eps L ||mu_own - mu_j|| (`losses.magnet_loss`'s `feature_margin`),
-            L the backbone's bound by construction (`lipschitz.construction_bound`: a
-            `--backbone=lipschitz` network), so a zero loss certifies the nearest-center
-            decision at radius eps against the batch's cluster means; the refresh then
-            puts the stored centers on those means.
     """
 
     model_class = models.ClusTRModel
@@ -144,7 +139,7 @@ class ClusTR(CertifiedMargin, Objective):
                  m=config.CLUSTERS_PER_BATCH, d=config.EXAMPLES_PER_CLUSTER, alpha=config.MAGNET_ALPHA,
                  magnet_epsilon=None, xent_lambda=0.0, logits_xent_lambda=0.0, consistency_lambda=0.0,
                  consistency="official", consistency_eps=config.QTRADES_EPS, consistency_step=config.QTRADES_STEP,
-                 refresh_every=1, certified_margin=0.0):
+                 refresh_every=1):
         for name, value in (("clusters_per_class", clusters_per_class), ("neighbours", neighbours), ("m", m),
                             ("d", d), ("refresh_every", refresh_every)):
             checks.positive_int(name, value)
@@ -159,7 +154,6 @@ class ClusTR(CertifiedMargin, Objective):
         self.consistency_lambda, self.consistency = float(consistency_lambda), consistency
         self.consistency_eps, self.consistency_step = float(consistency_eps), float(consistency_step)
         self.refresh_every = refresh_every
-        self._init_margin(certified_margin)
 
     def build_model(self, backbone, num_classes):
         model = models.ClusTRModel(backbone, num_classes=num_classes, clusters_per_class=self.clusters_per_class,
@@ -248,10 +242,9 @@ def per_example_objective(model, images, targets, config, adversarial=None, seed
     """
     layer = model.cluster_centers
     features = model.backbone(images, training=True)
-    margin = config.feature_margin(model)
     magnet = losses.magnet_loss(
         targets["clusters"], features, layer.clusters_per_class, config.alpha,
-        num_clusters=layer.num_clusters, epsilon=config.magnet_epsilon, feature_margin=margin,
+        num_clusters=layer.num_clusters, epsilon=config.magnet_epsilon,
     )
     distances = layer.squared_distances(features)
     logits = layer.logits_from_distances(distances)
@@ -294,4 +287,4 @@ def from_config(objective, model):
                   xent_lambda=objective.xent_lambda, logits_xent_lambda=objective.logits_xent_lambda,
                   consistency_lambda=objective.consistency_lambda, consistency=objective.consistency,
                   consistency_eps=objective.consistency_eps, consistency_step=objective.consistency_step,
-                  refresh_every=objective.refresh_every, certified_margin=objective.certified_margin)
+                  refresh_every=objective.refresh_every)

@@ -1,5 +1,5 @@
-"""Certified training: the certified-margin magnet loss and Lipschitz-margin cross-entropy
-are the formulas they claim, they need a backbone whose bound is exact by construction, bad
+"""Certified training: certified ClusTR's loss and the Lipschitz-margin cross-entropy are the
+formulas they claim, they need a backbone whose bound is exact by construction, bad
 settings fail with one clear error, and a short digits run certifies what it trained for."""
 
 import json
@@ -17,7 +17,6 @@ from clustr_tf import backbones
 from clustr_tf import certify
 from clustr_tf import config as config_lib
 from clustr_tf import lipschitz
-from clustr_tf import losses
 from clustr_tf import objectives
 from clustr_tf.core import ops
 
@@ -25,64 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 
-def _direct_margin_magnet(features, clusters, k, alpha, margin):
-    """The certified-margin magnet loss written out in float64: the magnet loss with every
-    other-class squared distance d_j replaced by d_j - 2 margin ||mu_own - mu_j||."""
-    features = np.asarray(features, np.float64)
-    unique = np.unique(clusters)
-    means = {c: features[clusters == c].mean(0) for c in unique}
-    own = np.array([((r - means[c]) ** 2).sum() for r, c in zip(features, clusters)])
-    variance = own.sum() / (len(features) - 1)
-    out = []
-    for r, c, o in zip(features, clusters, own):
-        numerator = np.exp(-o / (2 * variance) - alpha)
-        denominator = sum(
-            np.exp(-(((r - means[u]) ** 2).sum() - 2 * margin * np.linalg.norm(means[c] - means[u]))
-                   / (2 * variance))
-            for u in unique if u // k != c // k)
-        out.append(max(0.0, -np.log(numerator / denominator)))
-    return np.array(out)
-
-
 class MarginLossTest(parameterized.TestCase):
-    @parameterized.parameters((0, 1, 1.0, 0.0), (1, 2, 1.0, 0.3), (2, 2, 4.0, 1.0), (3, 3, 0.5, 0.05))
-    def test_magnet_loss_with_a_feature_margin_is_the_formula(self, seed, k, alpha, margin):
-        rng = np.random.default_rng(seed)
-        m, d, dim = 4, 5, 6
-        clusters = np.repeat(rng.choice(4 * k, size=m, replace=False), d)
-        centers = rng.normal(size=(4 * k, dim)) * 2
-        features = (centers[clusters] + rng.normal(size=(m * d, dim))).astype("float32")
-        expected = _direct_margin_magnet(features, clusters, k, alpha, margin)
-        for num_clusters in (None, 4 * k):  # tf.unique and the static-shape (XLA) form
-            got = losses.magnet_loss(clusters, features, k, alpha, num_clusters=num_clusters,
-                                     feature_margin=margin).numpy()
-            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-        if margin:  # a margin can only make the loss larger, and its gradient is finite
-            plain = losses.magnet_loss(clusters, features, k, alpha).numpy()
-            self.assertTrue((expected >= plain - 1e-4).all())
-            x = tf.constant(features)
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                value = tf.reduce_sum(losses.magnet_loss(clusters, x, k, alpha, feature_margin=margin))
-            self.assertTrue(np.isfinite(tape.gradient(value, x).numpy()).all())
-        with self.assertRaisesRegex(ValueError, r"`feature_margin` must be >= 0. Received: -1"):
-            losses.magnet_loss(clusters, features, k, alpha, feature_margin=-1)
-
-    def test_zero_margin_loss_certifies_the_batch_means(self):
-        """Where the certified-margin magnet loss is 0 (alpha 0), every example is certified
-        at the margin against the batch means: the loss asks exactly for the certificate."""
-        rng = np.random.default_rng(0)
-        clusters = np.repeat(np.arange(4), 6)  # K = 1: 4 classes
-        features = (rng.normal(size=(4, 3))[clusters] * 6 + 0.1 * rng.normal(size=(24, 3))).astype("float32")
-        margin = 0.5
-        loss = losses.magnet_loss(clusters, features, 1, alpha=0.0, feature_margin=margin).numpy()
-        means = np.stack([features[clusters == c].mean(0) for c in range(4)]).astype(np.float64)
-        radius, classes, _ = certify.feature_radius(features.astype(np.float64), means, 1)
-        zero = loss < 1e-6
-        self.assertGreater(zero.sum(), 0)
-        self.assertTrue((radius.numpy()[zero] >= margin).all())
-        self.assertTrue((classes.numpy()[zero] == clusters[zero]).all())
-
     def test_margin_logits(self):
         rng = np.random.default_rng(1)
         kernel = rng.normal(size=(5, 4)).astype("float32")
@@ -317,15 +259,14 @@ class RecipeTest(absltest.TestCase):
 class NeedsAnExactBoundTest(absltest.TestCase):
     def test_objectives_refuse_a_backbone_without_a_bound_by_construction(self):
         backbone = backbones.small_convnet((8, 8, 1), width=8, embedding_dim=8)
-        for objective in (objectives.ClusTR(certified_margin=0.5), objectives.CrossEntropy(certified_margin=0.5),
-                          objectives.CertifiedClusTR(0.5)):
+        for objective in (objectives.CrossEntropy(certified_margin=0.5), objectives.CertifiedClusTR(0.5)):
             with self.assertRaises(lipschitz.NotLipschitzByConstructionError):
                 objective.build_model(backbone, 10)
         # Without a margin nothing is asked of the backbone.
         objectives.ClusTR().build_model(backbone, 10)
         for bad in (-0.1, float("nan"), float("inf"), "0.5", True):
             with self.assertRaisesRegex(ValueError, "`certified_margin` must be a finite l2 radius >= 0"):
-                objectives.ClusTR(certified_margin=bad)
+                objectives.CrossEntropy(certified_margin=bad)
 
     def test_config_errors(self):
         for bad in (-0.5, float("nan"), float("inf")):
