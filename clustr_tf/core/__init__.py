@@ -9,6 +9,7 @@ neighbourhood batches and the nearest-center certificate.
     certify     certified radii of the nearest-center rule (and of a linear head)
     models      `Classifier` (what training, evaluation and export ask of a model, and the
                 one `train_step` of every objective) and `ClusTRModel`
+    model_files `load_model`: a saved .keras model, with one-line errors
     baselines   `SoftmaxClassifier` (a linear head), its PGD training attack, shuffled batches
     interfaces  what an objective (`Objective`) and a batch source (`Batches`) provide
     ops         small tensor operations they share
