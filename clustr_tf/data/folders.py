@@ -12,9 +12,11 @@ as `<split>/<class>/<image>`.
 import difflib
 import os
 import re
+import time
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from clustr_tf.data import base
 from clustr_tf.data import listing as listing_lib
@@ -84,10 +86,14 @@ def _decode_images(sources, displays, shape, from_file):
     )
     decoded = np.zeros(n, bool)
     shapes = np.zeros((n, 3), np.int64)
+    last = time.time()
     for index, batch, found in ds.as_numpy_iterator():
         images[index] = batch
         shapes[index] = found
         decoded[index] = True
+        if time.time() - last >= 10:  # a long decoding says how far it is, at least every 10 s
+            logging.info("Decoded %d of %d images", int(decoded.sum()), n)
+            last = time.time()
     unreadable = np.flatnonzero(~decoded)
     if unreadable.size:
         i = unreadable[0]
@@ -204,7 +210,10 @@ def read(name, location, split, class_names, image_shape):
     sources = [s for _, _, s in entries]
     labels = np.fromiter((l for l, _, _ in entries), np.int64, len(entries))
     del entries, listing  # Drop the encoded bytes as soon as possible.
+    start = time.time()
+    logging.info("%s: decoding the %d images of the %s split", name, len(sources), split)
     images = _decode_images(sources, displays, image_shape, from_file)
+    logging.info("%s: %s split decoded in %.0f s", name, split, time.time() - start)
     return images, labels, tuple(class_names), tuple(image_shape)
 
 

@@ -9,7 +9,10 @@ bytes of the split to read. The layout may sit under one top-level folder; hidde
 import dataclasses
 import os
 import tarfile
+import time
 import zlib
+
+from absl import logging
 
 from clustr_tf.data import base
 
@@ -161,9 +164,14 @@ def _list_archive(path, read_split):
     roots = set()  # Top-level folders that hold split folders ("" = none).
     first_train = None
 
+    last, members = time.time(), 0
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
+                members += 1
+                if time.time() - last >= 10:  # a long read says how far it is, at least every 10 s
+                    logging.info("Reading %s: %d entries so far", os.path.basename(path), members)
+                    last = time.time()
                 parts = [
                     p for p in member.name.split("/") if p not in ("", ".")
                 ]
