@@ -14,6 +14,7 @@ import shutil
 import tempfile
 
 import numpy as np
+from absl import logging
 
 from clustr_tf import config
 from clustr_tf.serving import signatures
@@ -242,9 +243,15 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
     root, concrete = _traced(model, neighbours, lipschitz_bound, compute_precision, trained, int(max_batch_size))
     embedding_dim = int(concrete["embed"].structured_outputs["embeddings"].shape[-1])
 
+    created = None  # the outermost folder this export makes
+    folder = os.path.abspath(export_dir)
+    while not os.path.exists(folder):
+        created, folder = folder, os.path.dirname(folder)
     os.makedirs(export_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{number}-", dir=export_dir)
+    published = False
     try:
+        logging.info("Writing the SavedModel of version %d into %s", number, export_dir)
         tf.saved_model.save(root, tmp, signatures=concrete)
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra, exist_ok=True)
@@ -255,9 +262,13 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
             json.dump(_metadata(model, image_shape, neighbours, lipschitz_bound, compute_precision, trained,
                                 embedding_dim, number, int(max_batch_size)), fh, indent=2)
         if verify:
+            logging.info("Checking the SavedModel: each signature on a batch of 1 and of 0 images")
             _verify(tmp, image_shape)
         versions.check_new_version(export_dir, number)  # another export may have taken it meanwhile
         os.rename(tmp, final)
+        published = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not published:  # a failed export leaves no folder it made
+            shutil.rmtree(created, ignore_errors=True)
     return final

@@ -362,6 +362,21 @@ class ExportFunctionTest(absltest.TestCase):
         with self.assertRaisesRegex(serving.ExportError, "`neighbours` \\(L\\) applies to ClusTR models only"):
             serving.export(model, os.path.join(self.create_tempdir().full_path, "linear"), neighbours=5)
 
+    def test_a_failed_export_leaves_no_folder_it_made(self):
+        from unittest import mock
+
+        from clustr_tf.serving import saved_model
+
+        tmp = self.create_tempdir().full_path
+        with mock.patch.object(saved_model, "_verify", side_effect=serving.ExportError("broken signature")):
+            with self.assertRaisesRegex(serving.ExportError, "broken signature"):
+                serving.export(self.model, os.path.join(tmp, "new", "clustr"))
+            self.assertEqual(os.listdir(tmp), [])
+            os.makedirs(os.path.join(tmp, "kept"))  # a base folder that existed stays, without the version
+            with self.assertRaisesRegex(serving.ExportError, "broken signature"):
+                serving.export(self.model, os.path.join(tmp, "kept"))
+            self.assertEqual(os.listdir(os.path.join(tmp, "kept")), [])
+
     def test_backbone_without_a_bound_is_refused(self):
         backbone = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
                                      keras.layers.Dense(4, activation="tanh")])
