@@ -23,7 +23,7 @@ class TrainThroughputSmokeTest(absltest.TestCase):
             out = os.path.join(tmp, "result.json")
             run = subprocess.run(
                 [sys.executable, SCRIPT, "--width_multiplier=0.125", "--steps=1", "--batch=48", "--m=4",
-                 "--train_images=200", "--sampler_batches=3", "--refresh_repeats=1", "--nobreakdown",
+                 "--train_images=240", "--sampler_batches=3", "--refresh_repeats=1", "--nobreakdown",
                  f"--out={out}"],
                 capture_output=True, text=True, cwd=ROOT, timeout=300,
                 env={**os.environ, "PYTHONPATH": ROOT},

@@ -249,8 +249,9 @@ def test_init_checkpoint_a_corrupt_or_missing_model(tmp_path, capsys):
     corrupt = tmp_path / "broken.keras"
     corrupt.write_bytes(b"not a zip")
     _fails_with_one_line(capsys, [f"--init_checkpoint={corrupt}", f"--model_dir={tmp_path}/r"],
-                         "--init_checkpoint cannot be loaded", f"Received: {corrupt}", status=2)
+                         f"--init_checkpoint: {corrupt} is not a .keras model archive (9 bytes", "truncated", status=2)
     assert corrupt.exists()
+    assert not (tmp_path / "r").exists()  # the run folder it made is gone
     empty = tmp_path / "unfinished_run"
     empty.mkdir()
     _fails_with_one_line(capsys, [f"--init_checkpoint={empty}", f"--model_dir={tmp_path}/r3"],
