@@ -22,8 +22,8 @@ class TrainThroughputSmokeTest(absltest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "result.json")
             run = subprocess.run(
-                [sys.executable, SCRIPT, "--width_multiplier=0.125", "--steps=1", "--batch=48", "--m=4",
-                 "--train_images=240", "--sampler_batches=3", "--refresh_repeats=1", "--nobreakdown",
+                [sys.executable, SCRIPT, "--width_multiplier=0.125", "--steps=1", "--train_images=400",
+                 "--sampler_batches=5", "--refresh_repeats=1", "--nobreakdown",
                  f"--out={out}"],
                 capture_output=True, text=True, cwd=ROOT, timeout=300,
                 env={**os.environ, "PYTHONPATH": ROOT},
@@ -35,7 +35,7 @@ class TrainThroughputSmokeTest(absltest.TestCase):
         self.assertEqual(printed, written)
         for key in REQUIRED:
             self.assertIn(key, printed)
-        self.assertEqual(printed["settings"]["batch"], 48)
+        self.assertEqual(printed["settings"]["batch"], 240)
         self.assertEqual(printed["settings"]["width_multiplier"], 0.125)
         for key in ("ratio", "qtrades_ratio", "sampler_to_step_ratio",
                     "refresh_to_inference_ratio"):
