@@ -11,7 +11,6 @@ calls it at the end of training); this binary loads a run directory, takes L fro
 config.json and checks its flags.
 """
 
-import json
 import os
 import sys
 
@@ -33,7 +32,7 @@ def define_flags():
 
 
 def load_run(model_dir):
-    """The run's model and config.json dict; ExportError when they cannot be used."""
+    """The run's model and config.json dict (`models.load_run`); ExportError when they cannot be used."""
     from clustr_tf import models
     from clustr_tf.serving import ExportError
 
@@ -41,28 +40,10 @@ def load_run(model_dir):
         raise ExportError("--model_dir is required (a run directory of training/main.py).")
     if not os.path.isdir(model_dir):
         raise ExportError(f"--model_dir is not a directory. Received: {model_dir}")
-    path = os.path.join(model_dir, "model.keras")
-    if not os.path.exists(path):
-        raise ExportError(f"No model.keras in --model_dir (has training finished?). Received: {model_dir}")
-    import clustr_tf
-
-    clustr_tf.load_all()  # registers the model classes (the binary deferred the library's imports)
-
     try:
-        model = models.load_model(path)
+        model, run_config = models.load_run(model_dir)
     except models.ModelFileError as e:
         raise ExportError(str(e)) from None
-    if not isinstance(model, models.Classifier):
-        raise ExportError(f"{path} is not a model of this library (clustr_tf.models.Classifier). Received: "
-                          f"{type(model).__name__}")
-    run_config = {}
-    config_path = os.path.join(model_dir, "config.json")
-    if os.path.exists(config_path):
-        try:
-            with open(config_path) as fh:
-                run_config = json.load(fh)
-        except (OSError, ValueError) as e:
-            raise ExportError(f"Cannot read {config_path}: {e}") from None
     return model, run_config
 
 

@@ -12,7 +12,6 @@ backbone that is Lipschitz by construction, today's defaults otherwise.
 
 import csv
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -142,32 +141,13 @@ def resolve_auto(f, config, model, dataset):
 
 
 def load_run(model_dir):
-    """The run's model and configuration; EvalError when they cannot be used."""
-    import clustr_tf
-
-    clustr_tf.load_all()  # registers the model classes (the binary deferred the library's imports)
-
-    path = os.path.join(model_dir, "model.keras")
-    if not os.path.exists(path):
-        raise EvalError(f"No model.keras in --model_dir (has training finished?). Received: {model_dir}")
-    config_path = os.path.join(model_dir, "config.json")
-    run_config = {}
-    if os.path.exists(config_path):
-        try:
-            with open(config_path) as fh:
-                run_config = json.load(fh)
-        except (OSError, ValueError) as e:
-            raise EvalError(f"Cannot read {config_path} ({type(e).__name__}: {e}): it is truncated or not the "
-                            "config.json training/main.py writes.") from None
+    """The run's model and configuration (`models.load_run`); EvalError when they cannot be used."""
     from clustr_tf import models
 
     try:
-        model = models.load_model(path)
+        model, run_config = models.load_run(model_dir)
     except models.ModelFileError as e:
         raise EvalError(str(e)) from None
-    if not isinstance(model, models.Classifier):
-        raise EvalError(f"{path} is not a ClusTR model nor a baseline classifier (clustr_tf.models.Classifier). "
-                        f"Received: {type(model).__name__}")
     try:
         model.check_usable()
     except ValueError as e:

@@ -17,6 +17,7 @@ from clustr_tf.core import interfaces
 from clustr_tf.core import layers
 from clustr_tf.core.model_files import ModelFileError  # noqa: F401  (models.ModelFileError)
 from clustr_tf.core.model_files import load_model  # noqa: F401  (models.load_model)
+from clustr_tf.core.model_files import load_run  # noqa: F401  (models.load_run)
 
 
 class _StepState:
