@@ -28,11 +28,13 @@ def _load(name):
 
 
 def default_run(r):
+    rows = [r] + ([r["bfloat16"]] if "bfloat16" in r else [])
     return [
         "| command | wall time | test accuracy (soft kNC) | test accuracy (nearest center) |",
         "|---|---|---|---|",
-        f"| `{r['command']}` | {r['wall_seconds']:.0f} s on {r['machine']['cpus']} CPU cores | "
-        f"{100 * r['clean_accuracy']:.1f}% | {100 * r['nearest_center_accuracy']:.1f}% |",
+        *[f"| `{x['command']}` | {x['wall_seconds']:.0f} s on {r['machine']['cpus']} CPU cores"
+          f"{' (' + format(x['cpu_seconds'], '.0f') + ' CPU-s)' if 'cpu_seconds' in x else ''} | "
+          f"{100 * x['clean_accuracy']:.1f}% | {100 * x['nearest_center_accuracy']:.1f}% |" for x in rows],
     ]
 
 

@@ -1,6 +1,7 @@
 """Exports a trained ClusTR model as a SavedModel for TF Serving.
 
     python export/export_model.py --model_dir=RUN --export_dir=BASE [--version=N]
+    python export/export_model.py --check_export=BASE_OR_VERSION_FOLDER
 
 writes `BASE/N/` (TF Serving's layout; N defaults to the next free version, an existing
 version is never overwritten) with the signatures `serving_default`, `certify` and `embed`
@@ -8,7 +9,8 @@ of docs/serving.md. The library does the work (`clustr_tf.serving`: `serving.sig
 describes the signatures, the request checks and the stored Lipschitz bound,
 `serving.export` the export and its warmup requests; `training/main.py --export_dir=BASE`
 calls it at the end of training); this binary loads a run directory, takes L from its
-config.json and checks its flags.
+config.json and checks its flags. `--check_export` reads an existing export back (a copied
+or half-written one is one line naming the broken file).
 """
 
 import os
@@ -18,6 +20,9 @@ from absl import flags
 from absl import logging
 
 def define_flags():
+    flags.DEFINE_string("check_export", None, "Check an existing export instead of writing one: a version folder, or "
+                        "a base folder (its highest version). Loads it as TF Serving will and runs every signature; "
+                        "one line says what is broken, if anything.")
     flags.DEFINE_string("model_dir", None, "The run directory (holds model.keras and config.json).")
     flags.DEFINE_string("export_dir", None, "The model's base folder; the export goes to <export_dir>/<version>/.")
     flags.DEFINE_string("version", None, "Version number >= 1. Default: the next free one.")
@@ -47,10 +52,27 @@ def load_run(model_dir):
     return model, run_config
 
 
+def check(f):
+    """--check_export: the line that says the export is sound (ExportError when it is not)."""
+    from clustr_tf import serving
+    from clustr_tf.serving import ExportError
+
+    if f.model_dir or f.export_dir:
+        raise ExportError("--check_export checks an existing export: pass it without --model_dir and --export_dir. "
+                          f"Received: --model_dir={f.model_dir} --export_dir={f.export_dir}")
+    folder, metadata = serving.check_export(f.check_export)
+    return (f"{folder}: a sound export (signatures {', '.join(metadata['signatures'])}; input "
+            f"{metadata['input']['shape']}, at most {metadata['input'].get('max_batch_size')} images per request; "
+            f"certified rule {metadata.get('certified_rule')}, Lipschitz bound {metadata.get('lipschitz_bound'):g})")
+
+
 def run(f):
     """Validates the flags, exports, and returns the version folder."""
     from clustr_tf import serving
     from clustr_tf.serving import ExportError
+
+    if f.check_export:
+        return check(f)
 
     if not f.model_dir:
         raise ExportError("--model_dir is required (a run directory of training/main.py).")

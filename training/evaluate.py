@@ -104,7 +104,8 @@ def config_from_flags(f):
         subsets[name] = tuple(v / 255 for v in values)
     if f.precision not in ("float32", "trained"):
         raise EvalError(f"--precision must be float32 or trained. Received: {f.precision!r}")
-    from clustr_tf import evaluation
+    explicit = {name: _floats(name, getattr(f, name)) for name in _AUTO if not _auto(f, name)}
+    from clustr_tf import evaluation  # TensorFlow loads here, once every flag is checked
 
     return evaluation.EvalConfig(
         square_eps=subsets["square_eps"],
@@ -113,7 +114,7 @@ def config_from_flags(f):
         stronger_factor=f.stronger_factor,
         unbounded_check=f.unbounded_check,
         linf_eps=tuple(e / 255 for e in eps),
-        **{name: _floats(name, getattr(f, name)) for name in _AUTO if not _auto(f, name)},
+        **explicit,
         step=f.step / 255,
         iterations=f.iterations,
         restarts=f.restarts,
@@ -151,7 +152,7 @@ def load_run(model_dir):
     try:
         model.check_usable()
     except ValueError as e:
-        raise EvalError(f"The model in {path} cannot be evaluated: {e}.") from None
+        raise EvalError(f"The model in {model_dir} cannot be evaluated: {e}.") from None
     return model, run_config
 
 
@@ -209,6 +210,13 @@ def _plots(result, model, images, labels, model_dir):
 def run(f):
     config = config_from_flags(f)
     model, run_config = load_run(f.model_dir)
+    from clustr_tf import cli
+
+    with cli.Heartbeat() as beat:  # a line at least every 10 s, also inside one long attack
+        return _evaluate(f, config, model, run_config, beat)
+
+
+def _evaluate(f, config, model, run_config, beat):
 
     import keras
     import numpy as np
@@ -225,8 +233,8 @@ def run(f):
     config, radii_choice = resolve_auto(f, config, model, dataset)
     images, labels = data.load_arrays(dataset, "test", data_dir=run_config.get("data_dir"))
     # Certification is one forward pass: the whole split, before the attacks' subset.
-    print(f"Certifying the {len(labels)} test images at l2 radii {', '.join(f'{r:g}' for r in config.radii)}",
-          flush=True)
+    beat.say(f"Certifying the {len(labels)} test images at l2 radii {', '.join(f'{r:g}' for r in config.radii)}")
+    beat.status(f"certifying the {len(labels)} test images")
     split = evaluation.certify_split(model, images, labels, config.radii, config.batch_size)
     # Test splits are often ordered by class: attack a seeded random subset, never the
     # first examples (which could all be of one class).
@@ -241,18 +249,15 @@ def run(f):
     def progress(done, total, run):
         """One labelled line per attack run: which attack, at which radius, what it found."""
         now = time.time()
-        eps = f"{run['eps'] * 255:g}/255" if run["norm"] == "inf" else f"{run['eps']:g}"
-        attack = "Square" if run["loss"] == "square" else f"PGD ({run['loss']} loss)"
-        target = {"certified_rule": "the certified rule", "survivors": "the survivors"}.get(run["scope"], "")
-        print(f"[{done}/{total}] l{'_inf' if run['norm'] == 'inf' else '2'} {attack} eps {eps}"
-              f"{' on ' + target if target else ''}: {100 * run['accuracy']:.1f}% robust "
-              f"({run['iterations']} {'queries' if run['loss'] == 'square' else 'steps'}, {now - clock['last']:.0f} s)",
-              flush=True)
+        beat.say(f"[{done}/{total}] {evaluation.describe(run['norm'], run['eps'], run['loss'], run['scope'])}: "
+                 f"{100 * run['accuracy']:.1f}% robust ({run['iterations']} "
+                 f"{'queries' if run['loss'] == 'square' else 'steps'}, {now - clock['last']:.0f} s)")
         clock["last"] = now
 
-    print(f"Attacking {len(labels)} test images ({dataset}): {len(evaluation.plan(config))} PGD runs, then the "
-          "stronger, gradient-free and certified-rule runs", flush=True)
-    result = evaluation.evaluate_robustness(model, images, labels, config, progress=progress)
+    beat.say(f"Attacking {len(labels)} test images ({dataset}): {len(evaluation.plan(config))} PGD runs, then the "
+             "stronger, gradient-free and certified-rule runs")
+    result = evaluation.evaluate_robustness(model, images, labels, config, progress=progress, status=beat.status)
+    beat.status(None)
     checks = evaluation.masking_checks(result, num_classes)
     for name, check in checks.items():
         if not check["passed"]:
@@ -277,8 +282,10 @@ def run(f):
         writer = csv.DictWriter(fh, fieldnames=["norm", "eps", "loss", "iterations", "restarts", "accuracy", "scope"])
         writer.writeheader()
         writer.writerows(result["attacks"])
+    beat.status("writing robustness.json, attacks.csv and the plots")
     _plots(result, model, images, np.asarray(labels), f.model_dir)
-    print(summary(result), flush=True)
+    beat.status(None)
+    beat.say(summary(result))
     return result
 
 

@@ -12,6 +12,7 @@ The package is laid out by concept, one module each:
 
     signatures  the serving functions and their request checks (the contract, in detail)
     saved_model `export`: checks, Lipschitz bound, tracing, warmup requests, metadata
+    export_files `check_export`: an export read back and checked, one line per way it can be broken
     versions    the base folder's version folders, `check_export_dir`, `ExportError`
 
     client      `ClusTRClient` and the REST/gRPC requests of a served model (NumPy only)
@@ -26,13 +27,14 @@ import importlib
 
 _NAMES = {
     "DEFAULT_EVAL_NEIGHBOURS": "saved_model", "DEFAULT_MAX_BATCH_SIZE": "saved_model", "DEFAULT_MODEL_NAME": "saved_model", "METADATA_FILE": "saved_model",
-    "WARMUP_FILE": "saved_model", "export": "saved_model",
+    "WARMUP_FILE": "saved_model", "export": "saved_model", "check_export": "export_files",
+    "read_metadata": "export_files",
     "INPUT_NAME": "signatures", "SIGNATURE_OUTPUTS": "signatures", "SIGNATURES": "signatures",
     "serving_functions": "signatures",
     "ExportError": "versions", "check_export_dir": "versions", "check_new_version": "versions",
     "existing_versions": "versions", "next_version": "versions", "parse_version": "versions",
 }
-_MODULES = ("client", "saved_model", "signatures", "versions")
+_MODULES = ("client", "export_files", "saved_model", "signatures", "versions")
 __all__ = [*_MODULES, *_NAMES]
 
 

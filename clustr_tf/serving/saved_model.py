@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from clustr_tf import config
+from clustr_tf.serving import export_files
 from clustr_tf.serving import signatures
 from clustr_tf.serving import versions
 from clustr_tf.serving.versions import ExportError
@@ -26,7 +27,7 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 # --max_batch_size): one request cannot take a server's memory; the client splits larger
 # batches (clustr_tf.serving.client.DEFAULT_MAX_BATCH_SIZE is the same number).
 DEFAULT_MAX_BATCH_SIZE = 1024
-METADATA_FILE = "clustr_export.json"
+METADATA_FILE = export_files.METADATA_FILE
 DEFAULT_MODEL_NAME = "clustr"
 # L of the soft-kNC rule at evaluation in the paper, capped by the number of clusters.
 DEFAULT_EVAL_NEIGHBOURS = config.EVAL_NEIGHBOURS
@@ -65,27 +66,6 @@ def _warmup_requests(image_shape, model_name):
             predict_log=prediction_log_pb2.PredictLog(request=request)
         ))
     return logs
-
-
-def _verify(path, image_shape):
-    """Loads the written SavedModel and runs every signature on a valid and an empty batch."""
-    import numpy as np
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(path)
-    for name in signatures.SIGNATURES:
-        if name not in loaded.signatures:
-            raise ExportError(f"The SavedModel at {path} lacks the signature {name!r}")
-        for batch in (1, 0):
-            outputs = loaded.signatures[name](
-                images=tf.constant(np.full((batch, *image_shape), 0.5, np.float32))
-            )
-            if sorted(outputs) != sorted(signatures.SIGNATURE_OUTPUTS[name]) or any(
-                    int(v.shape[0]) != batch for v in outputs.values()):
-                raise ExportError(
-                    f"Signature {name!r} of {path} gives outputs "
-                    f"{ {k: tuple(v.shape) for k, v in outputs.items()} } for a batch of {batch}"
-                )
 
 
 def _checked(model, neighbours, lipschitz_bound):
@@ -263,7 +243,7 @@ def export(model, export_dir, version=None, neighbours=None, lipschitz_bound=Non
                                 embedding_dim, number, int(max_batch_size)), fh, indent=2)
         if verify:
             logging.info("Checking the SavedModel: each signature on a batch of 1 and of 0 images")
-            _verify(tmp, image_shape)
+            export_files.verify(tmp, image_shape)
         versions.check_new_version(export_dir, number)  # another export may have taken it meanwhile
         os.rename(tmp, final)
         published = True

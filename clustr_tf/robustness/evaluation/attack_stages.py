@@ -3,7 +3,9 @@ on the survivors and the gradient-free Square attack (each narrowing the per-exa
 case), and l2 PGD against the certified rule (the certificate's empirical check).
 
 Each stage appends its runs to the evaluation's `results` list (dicts with norm, eps,
-loss, iterations, restarts, accuracy and scope) and returns what it found.
+loss, iterations, restarts, accuracy and scope) and returns what it found. `progress(done,
+run)` hears of each finished run; `status(text)` of each run as it starts and after each of
+its batches (`describe` words a run).
 """
 
 import numpy as np
@@ -12,12 +14,22 @@ from clustr_tf.robustness import attacks
 from clustr_tf.robustness.evaluation import planning
 
 
-def _pgd(model, model_fn, images, labels, subset, run, config):
+def describe(norm, eps, loss, scope="all"):
+    """A run in words: `l_inf PGD (margin loss) eps 8/255 on the survivors`."""
+    radius = f"{eps * 255:g}/255" if norm == "inf" else f"{eps:g}"
+    attack = "Square" if loss == "square" else f"PGD ({loss} loss)"
+    target = {"certified_rule": " on the certified rule", "survivors": " on the survivors"}.get(scope, "")
+    return f"l{'_inf' if norm == 'inf' else '2'} {attack} eps {radius}{target}"
+
+
+def _pgd(model, model_fn, images, labels, subset, run, config, status=None, scope="all"):
     """bool [N]: whether each example of `subset` survived the PGD `run` (False elsewhere)."""
     norm, eps, loss, iterations, step = run
     robust = np.zeros(len(labels), bool)
     index = np.flatnonzero(subset)
     for i in range(0, len(index), config.batch_size):
+        if status:
+            status(f"{describe(norm, eps, loss, scope)}: {i}/{len(index)} images attacked")
         b = index[i: i + config.batch_size]
         _, robust[b] = attacks.pgd(
             model_fn, images[b], labels[b], eps, min(step, eps) if eps > 0 else step, iterations,
@@ -35,7 +47,7 @@ def _record(results, progress, norm, eps, loss, iterations, restarts, accuracy, 
         progress(len(results), results[-1])
 
 
-def gradient_attacks(model, model_fn, images, labels, clean, runs, config, progress=None):
+def gradient_attacks(model, model_fn, images, labels, clean, runs, config, progress=None, status=None):
     """Every PGD run of `runs` on the clean-correct examples.
 
     Returns:
@@ -45,13 +57,13 @@ def gradient_attacks(model, model_fn, images, labels, clean, runs, config, progr
     results, worst = [], {}
     for run in runs:
         norm, eps, loss, iterations, _ = run
-        robust = _pgd(model, model_fn, images, labels, clean, run, config)
+        robust = _pgd(model, model_fn, images, labels, clean, run, config, status)
         worst[(norm, eps)] = worst.get((norm, eps), clean.copy()) & robust
         _record(results, progress, norm, eps, loss, iterations, config.restarts, float(robust.mean()), "all")
     return results, worst
 
 
-def stronger_attack(model, model_fn, images, labels, results, worst, config, progress=None):
+def stronger_attack(model, model_fn, images, labels, results, worst, config, progress=None, status=None):
     """At each `stronger_eps`, the strongest loss again with `stronger_factor` x the
     iterations on the examples every run left standing (does 20 iterations converge?).
     Updates `worst` and appends the runs to `results` (scope "survivors").
@@ -66,7 +78,8 @@ def stronger_attack(model, model_fn, images, labels, results, worst, config, pro
         loss = min(per_loss, key=lambda k: (per_loss[k], k != "margin"))
         iterations = config.iterations * config.stronger_factor
         before = worst[key].copy()
-        worst[key] &= _pgd(model, model_fn, images, labels, before, ("inf", eps, loss, iterations, config.step), config)
+        worst[key] &= _pgd(model, model_fn, images, labels, before, ("inf", eps, loss, iterations, config.step), config,
+                           status, "survivors")
         stronger[planning.eps_key(eps)] = {"loss": loss, "iterations": iterations, "restarts": config.restarts,
                                            "accuracy_before": float(before.mean()),
                                            "accuracy_after": float(worst[key].mean())}
@@ -75,7 +88,7 @@ def stronger_attack(model, model_fn, images, labels, results, worst, config, pro
     return stronger
 
 
-def gradient_free_attack(model_fn, images, labels, clean, results, worst, config, progress=None):
+def gradient_free_attack(model_fn, images, labels, clean, results, worst, config, progress=None, status=None):
     """Square at each `square_eps` on every clean-correct example: its own accuracy is
     comparable with each PGD loss's, and what it alone breaks joins the worst case.
     Updates `worst` and appends the runs to `results`.
@@ -89,6 +102,8 @@ def gradient_free_attack(model_fn, images, labels, clean, results, worst, config
         key = ("inf", eps)
         robust = np.zeros(len(labels), bool)
         index = np.flatnonzero(clean)
+        if status:
+            status(f"{describe('inf', eps, 'square')}: {len(index)} images, {config.square_queries} queries each")
         if len(index):
             _, robust[index] = attacks.square(model_fn, images[index], labels[index], eps,
                                               queries=config.square_queries, seed=config.seed,
@@ -106,7 +121,7 @@ def gradient_free_attack(model_fn, images, labels, clean, results, worst, config
     return gradient_free
 
 
-def certified_rule_attack(model, images, labels, clean, results, config, progress=None):
+def certified_rule_attack(model, images, labels, clean, results, config, progress=None, status=None):
     """The empirical check of the certificate: at every radius r > 0 of `config.radii`,
     l2 PGD (margin loss, `config.iterations`, `config.restarts`, step r / 4) against the
     certified rule (`attacks.certified_rule_logits_function`) on the examples whose
@@ -122,7 +137,8 @@ def certified_rule_attack(model, images, labels, clean, results, config, progres
         clean: the dict of `certification.clean_pass`.
         results: list of run dicts, appended to.
         config: `EvalConfig`.
-        progress: optional callable `progress(runs done)`.
+        progress: optional callable `progress(runs done, run)`.
+        status: optional callable `status(text)`, told what runs.
 
     Returns:
         `(empirical, violations)`: {radius key: fraction of the N examples the certified
@@ -135,7 +151,8 @@ def certified_rule_attack(model, images, labels, clean, results, config, progres
     for r in config.radii:
         if not r > 0:
             continue
-        robust = _pgd(model, model_fn, images, labels, correct, ("2", r, "margin", config.iterations, r / 4), config)
+        robust = _pgd(model, model_fn, images, labels, correct, ("2", r, "margin", config.iterations, r / 4), config,
+                      status, "certified_rule")
         key = str(r)
         empirical[key] = float(robust.mean()) if len(labels) else 0.0
         violations[key] = int(np.sum(correct & (radii > r) & ~robust))

@@ -15,7 +15,7 @@ def _linf_worst_case(worst):
     return {planning.eps_key(e): float(worst[(norm, e)].mean()) for norm, e in sorted(worst) if norm == "inf"}
 
 
-def evaluate_robustness(model, images, labels, config, progress=None):
+def evaluate_robustness(model, images, labels, config, progress=None, status=None):
     """Attacks and certifies a ClusTR model on (images, labels).
 
     Args:
@@ -27,6 +27,9 @@ def evaluate_robustness(model, images, labels, config, progress=None):
         progress: optional callable `progress(done, total, run)`, called after each attack
             run with the runs done, their total and the run's record (an entry of
             `attacks`).
+        status: optional callable `status(text)`, told what is running: the clean pass,
+            each attack run as it starts and after each of its batches (for a console
+            that prints the current state while one run takes long: `cli.Heartbeat`).
 
     Returns:
         A dict with `num_examples`, `clean_accuracy`, `nearest_center_accuracy`,
@@ -56,14 +59,17 @@ def evaluate_robustness(model, images, labels, config, progress=None):
     total = len(runs) + len(config.stronger_eps) + len(config.square_eps) + sum(r > 0 for r in config.radii)
     report = (lambda done, run: progress(done, total, run)) if progress else None
     model_fn = attacks.logits_function(model, config.neighbours)
+    if status:
+        status(f"clean pass on {len(labels)} images")
     clean = certification.clean_pass(model, images, labels, config)
     results, worst = attack_stages.gradient_attacks(model, model_fn, images, labels, clean["clean"], runs, config,
-                                                    report)
+                                                    report, status)
     pgd_worst = _linf_worst_case(worst)  # before the stronger and gradient-free runs narrow it
-    stronger = attack_stages.stronger_attack(model, model_fn, images, labels, results, worst, config, report)
+    stronger = attack_stages.stronger_attack(model, model_fn, images, labels, results, worst, config, report, status)
     gradient_free = attack_stages.gradient_free_attack(model_fn, images, labels, clean["clean"], results, worst,
-                                                       config, report)
-    empirical, violations = attack_stages.certified_rule_attack(model, images, labels, clean, results, config, report)
+                                                       config, report, status)
+    empirical, violations = attack_stages.certified_rule_attack(model, images, labels, clean, results, config, report,
+                                                                status)
     certified_correct, radii = clean["certified_correct"], clean["radii"]
     return {
         "num_examples": len(labels),
