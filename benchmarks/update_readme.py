@@ -130,6 +130,16 @@ def certified(r):
                 + " | ".join(f"{100 * emp[k]:.1f}% ({100 * run['certified_accuracy_attacked_subset'][k]:.1f}%)"
                              if k in emp else "-" for k in radii) + " | "
                 + f"{sum(run['certificate_violations'].values())} |")
+        if all(len(run.get("seeds", [])) > 1 for run in runs.values()):
+            key = radii[min(1, len(radii) - 1)]
+            lines += ["", f"The same commands with `--seed=1`, `--seed=2`, ... (the row above is seed 0): certified "
+                          f"accuracy at {_radius_name(key, dataset)} on the whole test split, per seed, and the mean:", "",
+                      "| method | " + " | ".join(f"seed {x['seed']}" for x in first["seeds"]) + " | mean | clean, mean |",
+                      "|---|" + "---|" * (len(first["seeds"]) + 2)]
+            lines += [f"| {names.get(method, method)} | "
+                      + " | ".join(f"{100 * x['certified_accuracy'][key]:.1f}%" for x in run["seeds"])
+                      + f" | **{100 * run['certified_accuracy_mean'][key]:.1f}%** | {100 * run['clean_accuracy_mean']:.1f}% |"
+                      for method, run in runs.items()]
         lines += ["", "The commands of these rows (then `" + first["evaluate_command"] + "`):", ""]
         lines += [f"- {names.get(method, method)}: `{run['command']}`" for method, run in runs.items()]
         lines += ["", "Certified accuracy at " + _radius_name(radii[min(1, len(radii) - 1)] if dataset == "digits"

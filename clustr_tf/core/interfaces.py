@@ -16,16 +16,14 @@ import typing
 
 import tensorflow as tf
 
+from clustr_tf.core import ops
+
 
 # What `Objective.losses` returns for one replica's batch: per-example float32 [B] values.
 #   losses: what the step minimises (their mean over the global batch);
 #   metrics: {name: [B]} averaged over the epoch and shown (accuracy and the like);
 #   record: per-example values the step hands the batch source (`record_losses`), or None.
 Result = collections.namedtuple("Result", "losses metrics record")
-
-
-def _accuracy(logits, labels):
-    return tf.cast(tf.argmax(logits, -1) == labels, tf.float32)
 
 
 class Objective(abc.ABC):
@@ -96,11 +94,7 @@ class Objective(abc.ABC):
         The loss is the cross-entropy of the class logits by default."""
         logits = tf.cast(model(images, training=False), tf.float32)
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-        return {"loss": loss, "accuracy": _accuracy(logits, labels)}, logits
-
-
-def _accuracy(logits, labels):
-    return tf.cast(tf.argmax(logits, -1) == labels, tf.float32)
+        return {"loss": loss, "accuracy": ops.correct(logits, labels)}, logits
 
 
 @typing.runtime_checkable

@@ -8,6 +8,11 @@ without clusters of another class).
 import tensorflow as tf
 
 
+def correct(logits, labels):
+    """float32 [B]: 1 where the argmax of `logits` [B, C] is `labels` [B] (int64), else 0."""
+    return tf.cast(tf.argmax(logits, -1) == labels, tf.float32)
+
+
 def pairwise_squared_distances(x, y):
     """Squared Euclidean distances between the rows of `x` and the rows of `y`.
 

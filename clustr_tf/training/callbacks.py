@@ -1,14 +1,15 @@
 """Keras callbacks of a training run, for what Keras has no callback of its own.
 
-Keras's `TensorBoard`, `TerminateOnNaN`, `CSVLogger` and progress bar do the logging; these
-add the test-split accuracy, the epoch's clocks and training budgets, the resumable
-training state, and a CSV log that a resumed run does not write twice. ClusTR's cluster
+Keras's `TensorBoard`, `TerminateOnNaN` and `CSVLogger` do the logging; these add the
+test-split accuracy, the epoch's clocks and training budgets, the resumable training state,
+a CSV log that a resumed run does not write twice, and progress as plain lines. ClusTR's cluster
 refresh is `clustering.ClusterRefresh`, which its objective adds.
 """
 
 import csv
 import math
 import os
+import sys
 import time
 
 import keras
@@ -19,6 +20,61 @@ from clustr_tf.core import models
 
 def _finite_loss(logs):
     return math.isfinite(float((logs or {}).get("loss", 0.0)))
+
+
+def _metrics_text(logs):
+    parts = []
+    for name, value in (logs or {}).items():
+        try:
+            parts.append(f"{name} {float(value):.4g}")
+        except (TypeError, ValueError):
+            continue
+    return " - ".join(parts)
+
+
+class ProgressLines(keras.callbacks.Callback):
+    """A run's progress as plain lines, the same on a terminal, in a log file or a pipe.
+
+    While an epoch runs, `Epoch 3/40: step 120/209 - loss 1.679 - accuracy 0.353 (45 s)` at
+    least every `interval` seconds; at its end one line with the epoch's time and every
+    metric, validation included. (Keras's progress bar redraws one line with backspaces and
+    carriage returns: a log file holds every redraw on one line, and a line printed while
+    it runs, such as the cluster refresh's, splits it so that the epoch's last state shows
+    twice.)
+
+    Args:
+        epochs: the run's number of epochs (shown as `Epoch e/epochs`).
+        steps_per_epoch: steps of a whole epoch.
+        interval: seconds between the lines inside an epoch.
+        stream: where to write (default: sys.stdout).
+    """
+
+    def __init__(self, epochs, steps_per_epoch, interval=10.0, stream=None):
+        super().__init__()
+        self.epochs, self.steps_per_epoch, self.interval = epochs, steps_per_epoch, interval
+        self._stream = stream
+        self._epoch, self._start, self._last, self._steps = 0, time.time(), time.time(), 0
+
+    def _write(self, line):
+        stream = self._stream or sys.stdout
+        stream.write(line + "\n")
+        stream.flush()
+        self._last = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._steps = epoch, 0
+        self._start = self._last = time.time()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        now = time.time()
+        if now - self._last >= self.interval:
+            self._write(f"Epoch {self._epoch + 1}/{self.epochs}: step {batch + 1}/{self.steps_per_epoch} - "
+                        f"{_metrics_text(logs)} ({now - self._start:.0f} s)")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._write(f"Epoch {epoch + 1}/{self.epochs}: {self._steps} steps in {time.time() - self._start:.0f} s - "
+                    f"{_metrics_text(logs)}")
 
 
 class TestAccuracy(keras.callbacks.Callback):

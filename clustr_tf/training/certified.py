@@ -37,10 +37,6 @@ from clustr_tf.core.interfaces import Result
 from clustr_tf.nets import lipschitz
 
 
-def _accuracy(logits, labels):
-    return tf.cast(tf.argmax(logits, -1) == labels, tf.float32)
-
-
 class CertifiedMargin:
     """The certified-margin setting an objective shares: `certified_margin` (an l2 radius in
     pixels, 0: off), the exact Lipschitz bound of the backbone it is trained on, and the
@@ -220,10 +216,10 @@ class CertifiedClusTR(CertifiedMargin, Objective):
                                          self.feature_margin(model))
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits / self.temperature)
         hard = tf.argmin(distances, axis=-1) // layer.clusters_per_class
-        metrics = {"accuracy": _accuracy(layer.logits_from_distances(distances), labels),
+        metrics = {"accuracy": ops.correct(layer.logits_from_distances(distances), labels),
                    "nearest_center_accuracy": tf.cast(hard == labels, tf.float32),
                    # Certified at the training radius: the label's logit beats every other.
-                   "certified_accuracy": _accuracy(logits, labels)}
+                   "certified_accuracy": ops.correct(logits, labels)}
         return loss, metrics, own
 
     def losses(self, model, images, targets, seed):

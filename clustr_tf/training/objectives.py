@@ -51,10 +51,6 @@ from clustr_tf.core import ops
 from clustr_tf.core import sampler as sampler_lib
 
 
-def _accuracy(logits, labels):
-    return tf.cast(tf.argmax(logits, -1) == labels, tf.float32)
-
-
 class CrossEntropy(CertifiedMargin, Objective):
     """A softmax classifier (a linear head on the backbone) trained with cross-entropy.
 
@@ -94,7 +90,7 @@ class CrossEntropy(CertifiedMargin, Objective):
         margin = self.feature_margin(model)
         trained = margin_logits(logits, labels, model.head.kernel, margin) if margin else logits
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, trained / self.temperature)
-        return Result(loss, {"accuracy": _accuracy(logits, labels)}, None)
+        return Result(loss, {"accuracy": ops.correct(logits, labels)}, None)
 
 
 class PGDAT(CrossEntropy):
@@ -192,7 +188,7 @@ class ClusTR(Objective):
         total, magnet, logits, features, extras = per_example_objective(model, images, targets, self, seed=seed)
         labels = tf.cast(targets["labels"], tf.int64)
         hard = model.cluster_centers.nearest_center_class(features)
-        metrics = {"magnet_loss": magnet, "accuracy": _accuracy(logits, labels),
+        metrics = {"magnet_loss": magnet, "accuracy": ops.correct(logits, labels),
                    "nearest_center_accuracy": tf.cast(hard == labels, tf.float32)}
         if "consistency" in extras:
             metrics["consistency_loss"] = extras["consistency"]
@@ -208,7 +204,7 @@ class ClusTR(Objective):
         loss = losses.magnet_loss_with_centers(labels, features, layer.centers, layer.variance,
                                                layer.clusters_per_class, alpha=self.alpha, epsilon=self.magnet_epsilon)
         hard = layer.nearest_center_class(features)
-        return {"loss": loss, "accuracy": _accuracy(logits, labels),
+        return {"loss": loss, "accuracy": ops.correct(logits, labels),
                 "nearest_center_accuracy": tf.cast(hard == labels, tf.float32)}, logits
 
 

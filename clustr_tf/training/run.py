@@ -100,7 +100,7 @@ def train(model, batches, model_dir, epochs, steps_per_epoch, test=None, eval_ne
     the batch source's state), then runs `fitting.fit_run` with, in order: the objective's
     callbacks (ClusTR's cluster refresh), the test accuracy, `callbacks`, the clock and
     budgets, the state's checkpoints, and on the chief Keras's `TerminateOnNaN`, the CSV
-    log and `TensorBoard` (`model_dir/logs`); the progress bar is `fit`'s.
+    log and `TensorBoard` (`model_dir/logs`); the progress is `fit`'s bar or plain lines (`verbose`).
 
     Args:
         model: a `models.Classifier` compiled with its objective, under its strategy.
@@ -123,7 +123,9 @@ def train(model, batches, model_dir, epochs, steps_per_epoch, test=None, eval_ne
             after `epochs`.
         resume_checkpoint: the name of a saved checkpoint to resume from instead of the
             latest (e.g. "ckpt-200").
-        verbose: Keras's verbosity on the chief.
+        verbose: Keras's verbosity on the chief (1: its progress bar, 2: a line per epoch,
+            0: nothing), or "lines": `callbacks.ProgressLines`, a line at least every 10 s
+            and one per epoch, with no control characters (what `run` uses).
 
     Returns:
         `(history, state)`: the per-epoch logs of this call, and the `TrainingState`.
@@ -158,8 +160,10 @@ def train(model, batches, model_dir, epochs, steps_per_epoch, test=None, eval_ne
                                                               int(state.epoch.numpy())))
         run_callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False,
                                                          profile_batch=0))
+    if verbose == "lines" and state.is_chief:
+        run_callbacks.append(callbacks_lib.ProgressLines(epochs, steps_per_epoch))
     history = fitting.fit_run(model, batches, state, epochs, steps_per_epoch, run_callbacks, augment=augment,
-                              verbose=verbose if state.is_chief else 0)
+                              verbose=verbose if state.is_chief and verbose != "lines" else 0)
     if history and not math.isfinite(history[-1].get("loss", 0.0)):
         raise TrainingDivergedError(
             f"The training loss is {history[-1]['loss']} at epoch {int(state.epoch.numpy()) + 1}; the last good "
@@ -246,7 +250,8 @@ def _run(config):
         augment=data.augmentation(d.dataset) if d.augment else None, seed=r.seed,
         cosine_lr=config.optimizer.lr if config.optimizer.lr_schedule == "cosine" else None,
         lr_horizon_cpu_seconds=config.optimizer.lr_horizon_cpu_minutes * 60
-        if config.optimizer.lr_horizon_cpu_minutes else None, resume_checkpoint=r.resume_checkpoint)
+        if config.optimizer.lr_horizon_cpu_minutes else None, resume_checkpoint=r.resume_checkpoint,
+        verbose="lines")
     train_seconds = time.time() - start
     # Test accuracy in float32, as training/evaluate.py and the export compute by default.
     precision.set_precision(model, "float32")

@@ -81,7 +81,7 @@ class LoopbackDownloadTest(absltest.TestCase):
         run = os.path.join(tfds_dir, "run")
         out = subprocess.run(
             [sys.executable, MAIN, "--dataset=cifar10", f"--data_dir={tfds_dir}", "--nodownload", "--epochs=1",
-             "--steps_per_epoch=1", "--width_multiplier=0.25", "--eval_batch_size=100", f"--model_dir={run}"],
+             "--steps_per_epoch=1", "--backbone=convnet", "--eval_batch_size=100", f"--model_dir={run}"],
             capture_output=True, text=True, timeout=600, cwd=ROOT)
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         self.assertIn("cifar10: 250 training images", out.stderr)

@@ -75,7 +75,30 @@ def test_tiny_run_writes_the_run_directory(tmp_path, capsys):
     assert (config["k"], config["m"], config["d"], config["alpha"], config["L"], config["lr"]) == (
         2, 12, 20, 12.5, 10, 1e-4)
     assert config["seed"] == 3
-    assert "Epoch 1/2" in capsys.readouterr().out  # Keras progress output is on
+    # Progress as plain lines: one per epoch with its validation metrics, no control characters
+    # (a log file reads as the terminal), no epoch line twice.
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\b" not in out
+    ends = [line for line in out.splitlines() if line.startswith("Epoch ") and " steps in " in line]
+    assert [line.split(":")[0] for line in ends] == ["Epoch 1/2", "Epoch 2/2"], out[-2000:]
+    assert all("val_accuracy" in line and "loss" in line for line in ends), ends
+
+
+def test_progress_lines_inside_and_at_the_end_of_an_epoch():
+    import io
+
+    from clustr_tf.training import callbacks
+
+    stream = io.StringIO()
+    progress = callbacks.ProgressLines(epochs=3, steps_per_epoch=4, interval=0.0, stream=stream)
+    progress.on_epoch_begin(1)
+    for step in range(4):
+        progress.on_train_batch_end(step, {"loss": 1.23456, "accuracy": 0.5, "note": "text"})
+    progress.on_epoch_end(1, {"loss": 1.2, "val_accuracy": 0.75})
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "Epoch 2/3: step 1/4 - loss 1.235 - accuracy 0.5 (0 s)"
+    assert len(lines) == 5
+    assert lines[-1] == "Epoch 2/3: 4 steps in 0 s - loss 1.2 - val_accuracy 0.75"
 
 
 def test_former_boolean_mixed_precision_flag():
