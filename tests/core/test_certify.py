@@ -94,13 +94,13 @@ class FeatureRadiusTest(parameterized.TestCase):
         radius_f, classes, _ = certify.feature_radius(f(inputs), centers, 2)
         radius = certify.certified_radius(radius_f.numpy(), lipschitz)
         w1_t, w2_t, centers_t = (tf.constant(a, tf.float64) for a in (w1, w2, centers))
-        for x, r, c in zip(inputs, radius, classes.numpy()):
-            random = rng.normal(size=(300, 5))
-            random *= r * rng.random((300, 1)) / np.linalg.norm(random, axis=1, keepdims=True)
-            self.assertTrue(np.all(_nearest_class(f(x + random), centers, 2) == c))
-            delta = tf.Variable(np.zeros(5))
-            for _ in range(50):  # projected gradient ascent on the margin, inside the ball
+
+        @tf.function  # the 50 steps of one input in one graph call
+        def ascend(x, c, r):
+            delta = tf.zeros(5, tf.float64)
+            for _ in tf.range(50):  # projected gradient ascent on the margin, inside the ball
                 with tf.GradientTape() as tape:
+                    tape.watch(delta)
                     z = tf.linalg.matvec(w2_t, tf.nn.relu(tf.linalg.matvec(w1_t, x + delta)))
                     d = tf.reduce_sum((z[tf.newaxis] - centers_t) ** 2, -1)
                     own = tf.reduce_min(d[c * 2:c * 2 + 2])
@@ -108,7 +108,14 @@ class FeatureRadiusTest(parameterized.TestCase):
                     margin = own - other
                 g = tape.gradient(margin, delta)
                 step = delta + 0.1 * r * g / (tf.norm(g) + 1e-12)
-                delta.assign(step * tf.minimum(1.0, 0.999 * r / (tf.norm(step) + 1e-12)))
+                delta = step * tf.minimum(tf.constant(1.0, tf.float64), 0.999 * r / (tf.norm(step) + 1e-12))
+            return delta
+
+        for x, r, c in zip(inputs, radius, classes.numpy()):
+            random = rng.normal(size=(300, 5))
+            random *= r * rng.random((300, 1)) / np.linalg.norm(random, axis=1, keepdims=True)
+            self.assertTrue(np.all(_nearest_class(f(x + random), centers, 2) == c))
+            delta = ascend(tf.constant(x), tf.constant(int(c)), tf.constant(float(r), tf.float64))
             self.assertEqual(_nearest_class(f(x + delta.numpy()), centers, 2)[0], c)
 
     def test_certified_accuracy(self):

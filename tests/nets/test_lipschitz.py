@@ -33,7 +33,9 @@ def _local_estimates(model, x, rng, pairs=64):
         diff = tf.reshape(model(x, training=False) - model(y, training=False), [n, -1])
         ratios.append(tf.norm(diff, axis=1) / tf.norm(tf.reshape(x - y, [n, -1]), axis=1))
     u = tf.constant(rng.normal(size=model(x, training=False).shape), tf.float32)
-    for _ in range(20):  # power iteration on J^T J per example
+
+    @tf.function  # one trace, then one graph call per iteration
+    def step(u):
         u = u / tf.norm(u, axis=1, keepdims=True)
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -42,7 +44,10 @@ def _local_estimates(model, x, rng, pairs=64):
         g = tape.gradient(s, x)  # J^T u
         with tf.autodiff.ForwardAccumulator(x, g) as acc:
             out = model(x, training=False)
-        u = acc.jvp(out)  # J J^T u
+        return acc.jvp(out), g  # J J^T u
+
+    for _ in range(20):  # power iteration on J^T J per example
+        u, g = step(u)
     jacobian = tf.norm(tf.reshape(g, [n, -1]), axis=1)  # ||J^T u|| with unit u
     return float(tf.reduce_max(tf.concat(ratios, 0))), float(tf.reduce_max(jacobian))
 

@@ -494,9 +494,7 @@ class ExportBinaryTest(parameterized.TestCase):
     def test_check_export_reads_an_export_back(self):
         base = os.path.join(self.create_tempdir().full_path, "clustr")
         serving.export(tiny_model(), base)
-        out = self._export(f"--check_export={base}")
-        self.assertEqual(out.returncode, 0, out.stderr[-3000:])
-        self.assertRegex(out.stdout.strip().splitlines()[-1], r"/clustr/1: a sound export \(signatures serving_default, "
+        self.assertRegex(self._run_in_process(check_export=base), r"/clustr/1: a sound export \(signatures serving_default, "
                          r"certify, embed; input \[None, 8, 8, 1\], at most 1024 images per request")
         with open(os.path.join(base, "1", "saved_model.pb"), "r+b") as fh:
             fh.truncate(100)
@@ -529,15 +527,12 @@ class ExportBinaryTest(parameterized.TestCase):
         ("no_model_dir", ["--export_dir={tmp}/b"], "--model_dir is required"),
         ("no_export_dir", ["--model_dir={run}"], "--export_dir is required"),
         ("missing_run", ["--model_dir={tmp}/nothing", "--export_dir={tmp}/b"], "--model_dir is not a directory"),
-        ("no_model_file", ["--model_dir={tmp}", "--export_dir={tmp}/b"], "No model.keras in --model_dir"),
         ("version_text", ["--model_dir={run}", "--export_dir={tmp}/b", "--version=abc"], "Received: 'abc'"),
         ("version_zero", ["--model_dir={run}", "--export_dir={tmp}/b", "--version=0"], "integer >= 1"),
         ("version_negative", ["--model_dir={run}", "--export_dir={tmp}/b", "--version=-3"], "Received: '-3'"),
         ("existing_version", ["--model_dir={run}", "--export_dir={tmp}/b", "--version=2"],
          "Version 2 already exists; it is never overwritten"),
         ("export_dir_is_a_file", ["--model_dir={run}", "--export_dir={tmp}/file"], "not a directory"),
-        ("eval_L_too_large", ["--model_dir={run}", "--export_dir={tmp}/b", "--eval_L=7"],
-         "at most the number of clusters, 6"),
         ("unexpected_argument", ["now"], "unexpected arguments: now"),
         ("max_batch_size_zero", ["--model_dir={run}", "--export_dir={tmp}/b", "--max_batch_size=0"],
          "--max_batch_size must be >= 1. Received: 0"),
@@ -559,16 +554,41 @@ class ExportBinaryTest(parameterized.TestCase):
         with open(os.path.join(tmp, "b", "2", "keep")) as fh:
             self.assertEqual(fh.read(), "keep me")
 
+    def _run_in_process(self, **flags):
+        """export_model.py's `run` on these flag values (its defaults otherwise), in this process."""
+        import importlib.util
+        import types
+
+        spec = importlib.util.spec_from_file_location("export_binary", EXPORT)
+        binary = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(binary)
+        values = dict(check_export=None, model_dir=None, export_dir=None, version=None, eval_L=None,
+                      model_name=None, max_batch_size=1024, precision="float32")
+        return binary.run(types.SimpleNamespace(**{**values, **flags}))
+
+    def test_bad_run_folders_in_process(self):
+        """What needs the model loaded (TensorFlow): each an ExportError line, nothing created."""
+        tmp = self.create_tempdir().full_path
+        for flags, message in (
+                ({"model_dir": tmp}, "No model.keras in --model_dir"),
+                ({"model_dir": self.run_dir, "eval_L": 7}, "at most the number of clusters, 6")):
+            with self.assertRaisesRegex(serving.ExportError, message):
+                self._run_in_process(export_dir=os.path.join(tmp, "b"), **flags)
+            self.assertFalse(os.path.exists(os.path.join(tmp, "b")))
+
     def test_corrupt_model_file(self):
         run = self.create_tempdir().full_path
         with open(os.path.join(run, "model.keras"), "wb") as fh:
             fh.write(b"not a zip")
-        out = self._export(f"--model_dir={run}", f"--export_dir={run}/b")
+        with self.assertRaisesRegex(serving.ExportError, r"model.keras is not a .keras model archive \(9 bytes"):
+            self._run_in_process(model_dir=run, export_dir=os.path.join(run, "b"))
+        self.assertFalse(os.path.exists(os.path.join(run, "b")))  # nothing created
+        out = self._export(f"--model_dir={run}", f"--export_dir={run}/b")  # the binary: one line, status 2
         self.assertEqual(out.returncode, 2)
         self.assertNotIn("Traceback", out.stderr)
         self.assertIn("export_model.py: error: ", out.stderr.strip().splitlines()[-1])
         self.assertIn("model.keras is not a .keras model archive (9 bytes", out.stderr.strip().splitlines()[-1])
-        self.assertFalse(os.path.exists(os.path.join(run, "b")))  # nothing created
+        self.assertFalse(os.path.exists(os.path.join(run, "b")))
 
 
 class TrainingBinaryExportTest(absltest.TestCase):
