@@ -18,6 +18,7 @@ exits with status 0.
 printed again at least every 10 s. This module imports no TensorFlow.
 """
 
+import logging
 import os
 import sys
 import threading
@@ -25,6 +26,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 
 def program():
@@ -56,12 +58,19 @@ def parse_flags(argv, rewrite=None):
 _HELP = ("-?", "-h", "--help", "--helpshort", "--helpfull", "--helpxml")
 
 
+def _not_tensorflow_info(record):
+    """False for TensorFlow's own INFO records (e.g. one per checkpoint save: "Sharding
+    callback duration"); warnings and errors, and the library's INFO lines, pass."""
+    return record.levelno > logging.INFO or f"{os.sep}tensorflow{os.sep}" not in (record.pathname or "")
+
+
 def start(main, define_flags, module_name, rewrite=None):
     """Defines the flags, makes them the command's `--help`, and runs `main` (absl) on the
-    flags `parse_flags` parsed."""
+    flags `parse_flags` parsed; TensorFlow's own INFO log lines are left out."""
     define_flags()
     for flag in flags.FLAGS.get_key_flags_for_module(module_name):  # listed by --help
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    absl_logging.get_absl_handler().addFilter(_not_tensorflow_info)
     app.run(main, flags_parser=lambda argv: parse_flags(argv, rewrite))
 
 

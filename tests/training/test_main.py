@@ -318,3 +318,15 @@ def test_class_counts_match_the_datasets():
     assert sorted(config.DATASET_CLASSES) == sorted(data.DATASETS)
     for name, classes in config.DATASET_CLASSES.items():
         assert data.info(name).num_classes == classes
+
+
+def test_tensorflow_info_lines_are_left_out_of_the_binaries_logs():
+    from clustr_tf import cli
+
+    def record(level, path):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    saver = os.path.join("site-packages", "tensorflow", "python", "checkpoint", "functional_saver.py")
+    assert not cli._not_tensorflow_info(record(logging.INFO, saver))
+    assert cli._not_tensorflow_info(record(logging.WARNING, saver))
+    assert cli._not_tensorflow_info(record(logging.INFO, os.path.join("clustr_tf", "core", "clustering.py")))
