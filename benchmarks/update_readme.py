@@ -100,6 +100,13 @@ def _radius_name(key, dataset):
     return f"{round(value * 255):g}/255" if dataset != "digits" else f"{value:g}"
 
 
+def _portable(command):
+    """A command with an absolute --data_dir shown as the file's name (the path is this
+    machine's)."""
+    return " ".join(f"--data_dir={os.path.basename(w.split('=', 1)[1])}"
+                    if w.startswith("--data_dir=/") else w for w in command.split())
+
+
 def certified(r):
     """The tables, sweeps and curves of benchmarks/results/certified.json, each row with the
     command that produced it."""
@@ -141,7 +148,13 @@ def certified(r):
                       + f" | **{100 * run['certified_accuracy_mean'][key]:.1f}%** | {100 * run['clean_accuracy_mean']:.1f}% |"
                       for method, run in runs.items()]
         lines += ["", "The commands of these rows (then `" + first["evaluate_command"] + "`):", ""]
-        lines += [f"- {names.get(method, method)}: `{run['command']}`" for method, run in runs.items()]
+        lines += [f"- {names.get(method, method)}: `{_portable(run['command'])}`" for method, run in runs.items()]
+        if "--data_dir=" in first["command"]:
+            data_file = _portable(first["command"]).split("--data_dir=")[1].split()[0]
+            lines += ["", f"`{data_file}` is the JPEG re-encoding of CIFAR-10 that this project's machine keeps "
+                          "beside the repository (its pixels differ slightly from the original release's, so these "
+                          "numbers are close to, not the same as, numbers on it); without it, leave `--data_dir` out "
+                          "and the run reads TFDS's CIFAR-10."]
         lines += ["", "Certified accuracy at " + _radius_name(radii[min(1, len(radii) - 1)] if dataset == "digits"
                                                                   else radii[0], dataset)
                   + " on the whole test split against training CPU time (one run, certified after each part):", "",
