@@ -77,6 +77,8 @@ TARGETS = {
 def define_flags():
     """Defines the benchmark's flags."""
     flags.DEFINE_float("width_multiplier", 1.0, "ResNet-18 width multiplier.")
+    flags.DEFINE_enum("backbone", "resnet18", ["resnet18", "convnet"], "The network timed: the paper's "
+                      "ResNet-18 (the results), or the small ConvNet (a quick check of this script: the tests).")
     flags.DEFINE_integer("m", 12, "Clusters per neighbourhood batch.")
     flags.DEFINE_integer("d", 20, "Examples drawn from each cluster of a batch.")
     flags.DEFINE_integer("batch", None, "Batch size m*d; when set, d = batch / m. Default: m*d.")
@@ -246,10 +248,13 @@ def run(f):
             logging.warning("No augmentation: %s", augment_name)
 
     def backbone():
+        if f.backbone == "convnet":
+            return backbones.get_backbone("convnet", IMAGE_SHAPE)
         return backbones.resnet18(IMAGE_SHAPE, width_multiplier=f.width_multiplier)
 
     result = {
         "settings": {
+            "backbone": f.backbone,
             "width_multiplier": f.width_multiplier,
             "batch": batch,
             "m": m,

@@ -382,7 +382,8 @@ print(json.dumps(rows))
 @functools.lru_cache(maxsize=None)
 def binary_flags(path):
     """[(name, default, help, type)] of the flags a binary defines, in definition order."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # The binaries define their flags before TensorFlow loads (clustr_tf/cli.py): no TensorFlow here.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CLUSTR_TF_DEFER_IMPORTS": "1"}
     out = subprocess.run([sys.executable, "-c", _FLAGS_PROGRAM, ROOT, path], capture_output=True, text=True,
                          env=env, check=True, timeout=300)
     return tuple(tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1]))
