@@ -75,11 +75,12 @@ def _load(path):
                           f"{first}): {_AGAIN}") from None
 
 
-def verify(path, image_shape, loaded=None):
-    """Runs every signature of the SavedModel at `path` on a valid batch of 1 and of 0 images."""
+def verify(path, image_shape):
+    """Loads the SavedModel at `path` (`_load`) and runs every signature on a valid batch of
+    1 and of 0 images."""
     import tensorflow as tf
 
-    loaded = loaded if loaded is not None else _load(path)
+    loaded = _load(path)
     for name in signatures.SIGNATURES:
         if name not in loaded.signatures:
             raise ExportError(f"The SavedModel at {path} lacks the signature {name!r}: {_AGAIN}")
@@ -106,5 +107,5 @@ def check_export(path):
     """
     folder = _version_folder(path)
     metadata = read_metadata(folder)
-    verify(folder, tuple(metadata["input"]["shape"][1:]), _load(folder))
+    verify(folder, tuple(metadata["input"]["shape"][1:]))
     return folder, metadata
