@@ -41,12 +41,13 @@ def fail(message, status=2):
     sys.exit(status)
 
 
-def parse_flags(argv, rewrite=None):
-    """absl's flag parsing with one error line and exit status 2 (absl's own: a FATAL
-    banner and status 1). `rewrite(argv)` may first rewrite former spellings of flags."""
+def parse_flags(argv, rewrite=None, flag_values=None):
+    """absl's flag parsing (of `flag_values`, default absl's FLAGS) with one error line and
+    exit status 2 (absl's own: a FATAL banner and status 1). `rewrite(argv)` may first
+    rewrite former spellings of flags."""
     argv = rewrite(argv) if rewrite else argv
     try:
-        return flags.FLAGS(argv)
+        return (flags.FLAGS if flag_values is None else flag_values)(argv)
     except flags.Error as e:
         fail(str(e), 2)
     except SystemExit as e:  # absl's --help prints the usage, then exits with status 1

@@ -19,21 +19,26 @@ import sys
 from absl import flags
 from absl import logging
 
-def define_flags():
+def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_string("check_export", None, "Check an existing export instead of writing one: a version folder, or "
                         "a base folder (its highest version). Loads it as TF Serving will and runs every signature; "
-                        "one line says what is broken, if anything.")
-    flags.DEFINE_string("model_dir", None, "The run directory (holds model.keras and config.json).")
-    flags.DEFINE_string("export_dir", None, "The model's base folder; the export goes to <export_dir>/<version>/.")
-    flags.DEFINE_string("version", None, "Version number >= 1. Default: the next free one.")
-    flags.DEFINE_integer("eval_L", None, "L of serving_default. Default: the run's eval_L, else min(20, C*K).")
-    flags.DEFINE_string("model_name", None, "Model name in the warmup requests. Default: clustr.")
+                        "one line says what is broken, if anything.", flag_values=flag_values)
+    flags.DEFINE_string("model_dir", None, "The run directory (holds model.keras and config.json).",
+                        flag_values=flag_values)
+    flags.DEFINE_string("export_dir", None, "The model's base folder; the export goes to <export_dir>/<version>/.",
+                        flag_values=flag_values)
+    flags.DEFINE_string("version", None, "Version number >= 1. Default: the next free one.", flag_values=flag_values)
+    flags.DEFINE_integer("eval_L", None, "L of serving_default. Default: the run's eval_L, else min(20, C*K).",
+                         flag_values=flag_values)
+    flags.DEFINE_string("model_name", None, "Model name in the warmup requests. Default: clustr.",
+                        flag_values=flag_values)
     flags.DEFINE_integer("max_batch_size", 1024, "The most images one request may hold; a larger one gets "
                          "INVALID_ARGUMENT naming the limit (recorded in clustr_export.json). The client "
-                         "(clustr-client) sends larger batches as several requests.")
+                         "(clustr-client) sends larger batches as several requests.", flag_values=flag_values)
     flags.DEFINE_string("precision", "float32", "What the signatures' backbone computes in: float32 (the network "
                         "the evaluation and the certificate are stated for), or `trained`: the run's "
-                        "--mixed_precision (faster where the hardware has it). Inputs and outputs keep their dtypes.")
+                        "--mixed_precision (faster where the hardware has it). Inputs and outputs keep their dtypes.",
+                        flag_values=flag_values)
 
 
 def load_run(model_dir):
@@ -110,7 +115,7 @@ def run(f):
     return path
 
 
-def main(argv):
+def main(argv, flag_values=flags.FLAGS):
     from clustr_tf import cli
 
     if len(argv) > 1:
@@ -119,7 +124,7 @@ def main(argv):
     from clustr_tf.serving import ExportError
 
     try:
-        path = run(flags.FLAGS)
+        path = run(flag_values)
     except ExportError as e:
         cli.fail(e, 2)
     print(path)

@@ -235,6 +235,9 @@ def _imported_files(path):
     files = set()
     for module in modules:
         parts = module.split(".")
+        if parts[0] == "tests" and len(parts) > 1:  # a test helper (tests/binaries.py), no package
+            files.add(f"tests/{parts[1]}.py")
+            continue
         if parts[0] not in PROJECT_PACKAGES:
             continue
         if not path.startswith(parts[0] + "/"):

@@ -20,35 +20,39 @@ from absl import flags
 from absl import logging
 
 
-def define_flags():
-    flags.DEFINE_string("model_dir", None, "The run directory to evaluate (holds model.keras).")
-    flags.DEFINE_integer(
-        "num_examples", 1000, "Test examples to attack: a fixed seeded random subset (all if fewer)."
-    )
-    flags.DEFINE_integer("batch_size", 256, "Attack batch size.")
-    flags.DEFINE_string("eps", "2,8,16,25.5", "l_inf radii, in 1/255 units.")
+def define_flags(flag_values=flags.FLAGS):
+    flags.DEFINE_string("model_dir", None, "The run directory to evaluate (holds model.keras).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_examples", 1000, "Test examples to attack: a fixed seeded random subset (all if "
+                         "fewer).", flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 256, "Attack batch size.", flag_values=flag_values)
+    flags.DEFINE_string("eps", "2,8,16,25.5", "l_inf radii, in 1/255 units.", flag_values=flag_values)
     flags.DEFINE_string("l2_eps", "auto", "l2 radii, in pixel units (e.g. 0.25,0.5); empty: none; `auto`: the "
-                        "non-zero --radii of `auto` for a backbone Lipschitz by construction, else 0.5.")
-    flags.DEFINE_float("step", 2.0, "l_inf PGD step, in 1/255 units (l2 runs step eps/4).")
-    flags.DEFINE_integer("iterations", 20, "PGD iterations.")
-    flags.DEFINE_integer("restarts", 10, "PGD random restarts.")
-    flags.DEFINE_string("losses", "official,logits,margin", "Attack losses.")
+                        "non-zero --radii of `auto` for a backbone Lipschitz by construction, else 0.5.",
+                        flag_values=flag_values)
+    flags.DEFINE_float("step", 2.0, "l_inf PGD step, in 1/255 units (l2 runs step eps/4).", flag_values=flag_values)
+    flags.DEFINE_integer("iterations", 20, "PGD iterations.", flag_values=flag_values)
+    flags.DEFINE_integer("restarts", 10, "PGD random restarts.", flag_values=flag_values)
+    flags.DEFINE_string("losses", "official,logits,margin", "Attack losses.", flag_values=flag_values)
     flags.DEFINE_string("radii", "auto", "l2 radii (pixel units) for certified accuracy; at each one > 0 the "
                         "certified rule is attacked too (l2 PGD, margin loss). `auto`: for a backbone Lipschitz by "
                         "construction 0 and 0.25,0.5,1 on digits, 36/255,72/255,108/255 on other datasets; "
-                        "else 0,0.05,0.1,0.25,0.5.")
+                        "else 0,0.05,0.1,0.25,0.5.", flag_values=flag_values)
     flags.DEFINE_string("square_eps", "8", "l_inf eps (1/255 units, among --eps) at which the "
-                        "gradient-free Square attack joins the worst case; empty: none (its check fails).")
-    flags.DEFINE_integer("square_queries", 5000, "Square attack queries per example.")
+                        "gradient-free Square attack joins the worst case; empty: none (its check fails).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("square_queries", 5000, "Square attack queries per example.", flag_values=flag_values)
     flags.DEFINE_string("stronger_eps", "8", "l_inf eps (1/255 units, among --eps) at which the strongest "
-                        "loss is rerun with --stronger_factor x the iterations; empty: none (its check fails).")
-    flags.DEFINE_integer("stronger_factor", 5, "Iteration multiplier of the stronger run.")
+                        "loss is rerun with --stronger_factor x the iterations; empty: none (its check fails).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("stronger_factor", 5, "Iteration multiplier of the stronger run.", flag_values=flag_values)
     flags.DEFINE_boolean("unbounded_check", True, "Attack at eps 255/255 (the whole box): accuracy must "
-                         "fall to chance.")
-    flags.DEFINE_integer("seed", 0, "Random seed.")
+                         "fall to chance.", flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=flag_values)
     flags.DEFINE_string("precision", "float32", "What the evaluation (clean pass, attacks, certificate) computes "
                         "in: float32 whatever the run trained in, or `trained`: the run's --mixed_precision "
-                        "(low-precision gradients can mask an attack: compare with float32 before trusting it).")
+                        "(low-precision gradients can mask an attack: compare with float32 before trusting it).",
+                        flag_values=flag_values)
 
 
 class EvalError(ValueError):
@@ -306,13 +310,13 @@ def summary(result):
                      + [f"  {name.ljust(width)}  {value}" for name, value in rows])
 
 
-def main(argv):
+def main(argv, flag_values=flags.FLAGS):
     from clustr_tf import cli
 
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     try:
-        run(flags.FLAGS)
+        run(flag_values)
     except EvalError as e:
         cli.fail(e, 2)
 

@@ -3,8 +3,6 @@ its training through `fit` and the binary, and its evaluation."""
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -17,8 +15,8 @@ from clustr_tf import data
 from clustr_tf import distribute
 from clustr_tf import objectives
 from clustr_tf import training
+from tests import binaries
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 
@@ -134,9 +132,10 @@ class TrainTest(absltest.TestCase):
 
 
 class BinaryTest(absltest.TestCase):
+    """The binaries in this process (tests/binaries.py)."""
+
     def _run(self, script, *args):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "training", script), *args],
-                              capture_output=True, text=True, timeout=600)
+        return binaries.run(f"training/{script}", *args)
 
     def test_train_then_evaluate_a_pgd_at_baseline(self):
         run = os.path.join(self.create_tempdir().full_path, "run")

@@ -9,8 +9,6 @@ import hashlib
 import http.server
 import os
 import socket
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -19,9 +17,8 @@ from absl.testing import absltest
 
 import release_files
 from clustr_tf import data
+from tests import binaries
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MAIN = os.path.join(ROOT, "training", "main.py")
 
 
 
@@ -79,10 +76,8 @@ class LoopbackDownloadTest(absltest.TestCase):
         _, labels = data.load_arrays("cifar10", "test", data_dir=tfds_dir, download=False)
         self.assertEqual(len(labels), 50)
         run = os.path.join(tfds_dir, "run")
-        out = subprocess.run(
-            [sys.executable, MAIN, "--dataset=cifar10", f"--data_dir={tfds_dir}", "--nodownload", "--epochs=1",
-             "--steps_per_epoch=1", "--backbone=convnet", "--eval_batch_size=100", f"--model_dir={run}"],
-            capture_output=True, text=True, timeout=600, cwd=ROOT)
+        out = binaries.run(binaries.MAIN, "--dataset=cifar10", f"--data_dir={tfds_dir}", "--nodownload", "--epochs=1",
+                           "--steps_per_epoch=1", "--backbone=convnet", "--eval_batch_size=100", f"--model_dir={run}")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         self.assertIn("cifar10: 250 training images", out.stderr)
 
@@ -131,9 +126,8 @@ class LoopbackDownloadTest(absltest.TestCase):
         served, tfds_dir = self.create_tempdir().full_path, self.create_tempdir().full_path
         release_files.cifar10_binary(served)
         url = _serve(self, served)
-        out = subprocess.run(
-            [sys.executable, MAIN, "--dataset=cifar10", f"--data_dir={tfds_dir}", f"--data_mirror={url}",
-             "--epochs=1", f"--model_dir={tfds_dir}/run"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+        out = binaries.run(binaries.MAIN, "--dataset=cifar10", f"--data_dir={tfds_dir}", f"--data_mirror={url}",
+                           "--epochs=1", f"--model_dir={tfds_dir}/run")
         self.assertEqual(out.returncode, 1, out.stderr[-3000:])
         self.assertNotIn("Traceback", out.stderr)
         last = out.stderr.strip().splitlines()[-1]

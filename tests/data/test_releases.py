@@ -4,8 +4,6 @@ round-trips its images and labels exactly, and a broken file is one clear error.
 import hashlib
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 from absl.testing import absltest
@@ -14,9 +12,8 @@ from absl.testing import parameterized
 import release_files
 from clustr_tf import data
 from clustr_tf.data import releases
+from tests import binaries
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MAIN = os.path.join(ROOT, "training", "main.py")
 
 
 
@@ -150,10 +147,8 @@ class BinaryTest(absltest.TestCase):
         folder = self.create_tempdir().full_path
         path, _ = release_files.cifar10_python(folder, per_batch=50)
         run = os.path.join(folder, "run")
-        out = subprocess.run(
-            [sys.executable, MAIN, "--dataset=cifar10", f"--data_dir={path}", "--epochs=1", "--steps_per_epoch=1",
-             "--backbone=convnet", "--eval_batch_size=100", f"--model_dir={run}"],
-            capture_output=True, text=True, timeout=600, cwd=ROOT)
+        out = binaries.run(binaries.MAIN, "--dataset=cifar10", f"--data_dir={path}", "--epochs=1",
+                           "--steps_per_epoch=1", "--backbone=convnet", "--eval_batch_size=100", f"--model_dir={run}")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         self.assertIn("cifar10: 250 training images", out.stderr)
         self.assertTrue(os.path.exists(os.path.join(run, "metrics.json")))
@@ -163,9 +158,8 @@ class BinaryTest(absltest.TestCase):
         path, _ = release_files.cifar10_python(folder, per_batch=40)
         with open(path, "r+b") as fh:
             fh.truncate(os.path.getsize(path) // 2)
-        out = subprocess.run(
-            [sys.executable, MAIN, "--dataset=cifar10", f"--data_dir={path}", "--epochs=1",
-             f"--model_dir={folder}/run"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+        out = binaries.run(binaries.MAIN, "--dataset=cifar10", f"--data_dir={path}", "--epochs=1",
+                           f"--model_dir={folder}/run")
         self.assertEqual(out.returncode, 1, out.stderr[-3000:])
         self.assertNotIn("Traceback", out.stderr)
         last = out.stderr.strip().splitlines()[-1]

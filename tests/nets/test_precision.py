@@ -2,11 +2,8 @@
 losses and the certificate do not; evaluation and export compute in float32 unless told
 otherwise; a bfloat16 run learns as well as a float32 one."""
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -22,8 +19,8 @@ from clustr_tf import objectives
 from clustr_tf import precision
 from clustr_tf import serving
 from clustr_tf import training
+from tests import binaries
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # |bfloat16 loss - float32 loss| <= LOSS_RTOL * |float32 loss| + LOSS_ATOL, same weights and batch.
 # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation); measured
 # on these batches the losses differ by 0.006% (cross-entropy) to 0.11% (PGD-AT), and the
@@ -154,24 +151,15 @@ class ConfigTest(absltest.TestCase):
     def test_binary_flag(self):
         """`--mixed_precision=bfloat16`; the bare flag (the former boolean) still means float16;
         a bad value is one line and exit status 2."""
-        from absl import flags
-
         from clustr_tf import config_flags
 
-        main = os.path.join(ROOT, "training", "main.py")
-        spec = importlib.util.spec_from_file_location("training_main_precision", main)
-        main_lib = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(main_lib)
         for flag, expected in (("--mixed_precision", "float16"), ("--mixed_precision=bfloat16", "bfloat16"),
                                ("--nomixed_precision", None)):
-            flag_values = flags.FlagValues()
-            config_flags.define_flags(flag_values)
-            flag_values(main_lib.legacy_argv(["main.py", flag, f"--model_dir={self.create_tempdir().full_path}/run"]))
+            _, flag_values = binaries.parse(binaries.MAIN, flag, f"--model_dir={self.create_tempdir().full_path}/run")
             config = config_flags.config_from_flags(flag_values)
             self.assertEqual(config.runtime.mixed_precision, expected, flag)
             self.assertEqual(config.flat()["mixed_precision"], expected, flag)  # what config.json records
-        out = subprocess.run([sys.executable, main, "--mixed_precision=int8", f"--model_dir={self.create_tempdir().full_path}"],
-                             capture_output=True, text=True, timeout=120)
+        out = binaries.run(binaries.MAIN, "--mixed_precision=int8", f"--model_dir={self.create_tempdir().full_path}")
         self.assertEqual(out.returncode, 2, out.stderr)
         self.assertEqual(out.stderr.strip().splitlines(), [
             "main.py: error: Unknown --mixed_precision. Expected one of float16, bfloat16. Received: 'int8'"])
@@ -215,12 +203,9 @@ class RunTest(absltest.TestCase):
             self.assertEqual((meta["compute_precision"], meta["trained_precision"]),
                              (compute or "bfloat16", "bfloat16"))
             outputs[compute] = loaded.signatures["serving_default"](tf.constant(images))
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        evaluate = [sys.executable, os.path.join(ROOT, "training", "evaluate.py"),
-                    f"--model_dir={cfg16.runtime.model_dir}", "--num_examples=16", "--eps=8", "--l2_eps=",
-                    "--iterations=2", "--restarts=1", "--square_queries=10", "--nounbounded_check",
-                    "--precision=trained"]
-        out = subprocess.run(evaluate, capture_output=True, text=True, env=env, timeout=300)
+        out = binaries.run(binaries.EVALUATE, f"--model_dir={cfg16.runtime.model_dir}", "--num_examples=16", "--eps=8",
+                           "--l2_eps=", "--iterations=2", "--restarts=1", "--square_queries=10",
+                           "--nounbounded_check", "--precision=trained")
         self.assertEqual(out.returncode, 0, out.stderr[-2000:])
         with open(os.path.join(cfg16.runtime.model_dir, "robustness.json")) as fh:
             result = json.load(fh)

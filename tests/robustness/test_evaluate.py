@@ -11,6 +11,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from clustr_tf import evaluation
+from tests import binaries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EVALUATE = os.path.join(ROOT, "training", "evaluate.py")
@@ -150,11 +151,12 @@ class EvaluateRobustnessTest(absltest.TestCase):
 @pytest.mark.usefixtures("tiny_run")  # self.run_dir: the tests' shared tiny run (tests/conftest.py)
 class EvaluateBinaryTest(parameterized.TestCase):
     def _evaluate(self, *args):
+        """The binary in a process of its own."""
         return subprocess.run([sys.executable, EVALUATE, *args], capture_output=True, text=True, timeout=600)
 
     def test_writes_robustness_json_csv_and_plots(self):
-        out = self._evaluate(f"--model_dir={self.run_dir}", "--num_examples=60", "--iterations=5",
-                             "--restarts=2", "--eps=0,8,255", "--l2_eps=0.5", "--square_queries=100")
+        out = binaries.run(binaries.EVALUATE, f"--model_dir={self.run_dir}", "--num_examples=60", "--iterations=5",
+                           "--restarts=2", "--eps=0,8,255", "--l2_eps=0.5", "--square_queries=100")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         with open(os.path.join(self.run_dir, "robustness.json")) as fh:
             result = json.load(fh)
@@ -249,12 +251,8 @@ class EvaluateBinaryTest(parameterized.TestCase):
 
     def test_run_without_model_and_corrupt_model(self):
         """Each broken run folder is one EvalError naming the file (in-process, as the binary's
-        load_run), and the binary prints it as one line with exit status 2."""
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("evaluate_binary", EVALUATE)
-        binary = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(binary)
+        load_run), and the binary (a process) prints it as one line with exit status 2."""
+        binary = binaries.load(binaries.EVALUATE)
         empty = self.create_tempdir().full_path
         with self.assertRaisesRegex(binary.EvalError, "No model.keras"):
             binary.load_run(empty)

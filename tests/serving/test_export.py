@@ -24,10 +24,10 @@ from clustr_tf import certify
 from clustr_tf import lipschitz
 from clustr_tf import models
 from clustr_tf import serving
+from tests import binaries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPORT = os.path.join(ROOT, "export", "export_model.py")
-MAIN = os.path.join(ROOT, "training", "main.py")
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 SHAPE = (8, 8, 1)
 OUTPUT_DTYPES = {
@@ -488,6 +488,7 @@ class ExportBinaryTest(parameterized.TestCase):
         super().tearDownClass()
 
     def _export(self, *args):
+        """The binary in a process of its own, from another folder, without this project on the path."""
         return subprocess.run([sys.executable, EXPORT, *args], capture_output=True, text=True, timeout=300,
                               cwd=self.create_tempdir().full_path, env=_env_without_project())
 
@@ -508,13 +509,13 @@ class ExportBinaryTest(parameterized.TestCase):
 
     def test_exports_the_next_version_with_the_run_eval_L(self):
         base = os.path.join(self.create_tempdir().full_path, "serving", "clustr")
-        out = self._export(f"--model_dir={self.run_dir}", f"--export_dir={base}")
+        out = binaries.run(binaries.EXPORT, f"--model_dir={self.run_dir}", f"--export_dir={base}")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         self.assertEqual(out.stdout.strip().splitlines()[-1], os.path.join(base, "1"))
         with open(os.path.join(base, "1", "assets.extra", "clustr_export.json")) as fh:
             self.assertEqual(json.load(fh)["neighbours"], 4)  # config.json's eval_L
-        out = self._export(f"--model_dir={self.run_dir}", f"--export_dir={base}", "--version=12", "--eval_L=6",
-                           "--max_batch_size=3")
+        out = binaries.run(binaries.EXPORT, f"--model_dir={self.run_dir}", f"--export_dir={base}", "--version=12",
+                           "--eval_L=6", "--max_batch_size=3")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         with open(os.path.join(base, "12", "assets.extra", "clustr_export.json")) as fh:
             metadata = json.load(fh)
@@ -555,16 +556,10 @@ class ExportBinaryTest(parameterized.TestCase):
             self.assertEqual(fh.read(), "keep me")
 
     def _run_in_process(self, **flags):
-        """export_model.py's `run` on these flag values (its defaults otherwise), in this process."""
-        import importlib.util
-        import types
-
-        spec = importlib.util.spec_from_file_location("export_binary", EXPORT)
-        binary = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(binary)
-        values = dict(check_export=None, model_dir=None, export_dir=None, version=None, eval_L=None,
-                      model_name=None, max_batch_size=1024, precision="float32")
-        return binary.run(types.SimpleNamespace(**{**values, **flags}))
+        """export_model.py's `run` on these flag values (its defaults otherwise), in this process:
+        its errors raise."""
+        _, flag_values = binaries.parse(binaries.EXPORT, *[f"--{name}={value}" for name, value in flags.items()])
+        return binaries.load(binaries.EXPORT).run(flag_values)
 
     def test_bad_run_folders_in_process(self):
         """What needs the model loaded (TensorFlow): each an ExportError line, nothing created."""
@@ -583,7 +578,7 @@ class ExportBinaryTest(parameterized.TestCase):
         with self.assertRaisesRegex(serving.ExportError, r"model.keras is not a .keras model archive \(9 bytes"):
             self._run_in_process(model_dir=run, export_dir=os.path.join(run, "b"))
         self.assertFalse(os.path.exists(os.path.join(run, "b")))  # nothing created
-        out = self._export(f"--model_dir={run}", f"--export_dir={run}/b")  # the binary: one line, status 2
+        out = binaries.run(binaries.EXPORT, f"--model_dir={run}", f"--export_dir={run}/b")  # one line, status 2
         self.assertEqual(out.returncode, 2)
         self.assertNotIn("Traceback", out.stderr)
         self.assertIn("export_model.py: error: ", out.stderr.strip().splitlines()[-1])
@@ -595,8 +590,8 @@ class TrainingBinaryExportTest(absltest.TestCase):
     def test_main_exports_at_the_end_and_the_run_goes_back_to_keras(self):
         tmp = self.create_tempdir().full_path
         run_dir, base = os.path.join(tmp, "run"), os.path.join(tmp, "serving")
-        out = subprocess.run([sys.executable, MAIN, "--epochs=1", "--steps_per_epoch=2", f"--model_dir={run_dir}",
-                              f"--export_dir={base}"], capture_output=True, text=True, timeout=600, cwd=tmp)
+        out = binaries.run(binaries.MAIN, "--epochs=1", "--steps_per_epoch=2", f"--model_dir={run_dir}",
+                           f"--export_dir={base}")
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         self.assertEqual(serving.existing_versions(base), [1])
         with open(os.path.join(base, "1", "assets.extra", "clustr_export.json")) as fh:
@@ -633,8 +628,7 @@ class TrainingBinaryExportTest(absltest.TestCase):
         blocker = os.path.join(tmp, "file")
         with open(blocker, "w") as fh:
             fh.write("keep me")
-        out = subprocess.run([sys.executable, MAIN, f"--model_dir={tmp}/run", f"--export_dir={blocker}"],
-                             capture_output=True, text=True, timeout=300, cwd=tmp)
+        out = binaries.run(binaries.MAIN, f"--model_dir={tmp}/run", f"--export_dir={blocker}")
         self.assertEqual(out.returncode, 2)
         last = out.stderr.strip().splitlines()[-1]
         self.assertTrue(last.startswith("main.py: error: --export_dir"), out.stderr[-2000:])

@@ -4,8 +4,6 @@ settings fail with one clear error, and a short digits run certifies what it tra
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -19,8 +17,8 @@ from clustr_tf import config as config_lib
 from clustr_tf import lipschitz
 from clustr_tf import objectives
 from clustr_tf.core import ops
+from tests import binaries
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 
@@ -281,14 +279,11 @@ class NeedsAnExactBoundTest(absltest.TestCase):
                                      runtime=config_lib.Runtime(model_dir=self.create_tempdir().full_path))
 
     def test_binary_says_what_to_pass(self):
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        main = os.path.join(ROOT, "training", "main.py")
         for args, message in (
                 (["--certified_margin=0.5"], "needs a backbone whose Lipschitz bound is exact by construction"),
                 (["--certified_margin=-1", "--backbone=lipschitz"], "--certified_margin must be a finite l2 radius"),
                 (["--certified_margin=nan", "--backbone=lipschitz"], "--certified_margin must be a finite l2 radius")):
-            out = subprocess.run([sys.executable, main, *args, f"--model_dir={self.create_tempdir().full_path}"],
-                                 capture_output=True, text=True, env=env, timeout=120)
+            out = binaries.run(binaries.MAIN, *args, f"--model_dir={self.create_tempdir().full_path}")
             self.assertEqual(out.returncode, 2, out.stderr)
             self.assertIn(message, out.stderr)
             self.assertEqual(len([l for l in out.stderr.splitlines() if l.startswith("main.py: error")]), 1)
@@ -310,7 +305,7 @@ class CertifiedRunTest(absltest.TestCase):
             run_dir = self.create_tempdir().full_path
             cfg = config_lib.RunConfig(model=config_lib.Model(backbone="lipschitz"),
                                        objective=config_lib.Objective(method=method, certified_margin=0.5),
-                                       runtime=config_lib.Runtime(epochs=20, model_dir=run_dir))
+                                       runtime=config_lib.Runtime(epochs=10, model_dir=run_dir))
             self.assertEqual(cfg.optimizer.lr, 1e-3)
             from clustr_tf import training
 

@@ -3,7 +3,6 @@ parsed on a fresh FlagValues), and, as the binary itself, a bad flag's exit stat
 resume after SIGKILL."""
 
 import csv
-import importlib.util
 import json
 import logging
 import os
@@ -15,22 +14,19 @@ import time
 
 import numpy as np
 import pytest
-from absl import flags
+
+from tests import binaries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAIN = os.path.join(ROOT, "training", "main.py")
 
-_spec = importlib.util.spec_from_file_location("training_main", MAIN)
-main_lib = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(main_lib)
+main_lib = binaries.load(binaries.MAIN)
 
 
 def _parse(*args):
     """The binary's flags on a fresh FlagValues, parsed from `args` as the binary does; returns
     (the arguments left, the FlagValues)."""
-    flag_values = flags.FlagValues()
-    main_lib.define_flags(flag_values)
-    return flag_values(main_lib.legacy_argv(["main.py", *args])), flag_values
+    return binaries.parse(binaries.MAIN, *args)
 
 
 def _main(*args):
@@ -128,7 +124,7 @@ def test_sigkill_then_rerun_continues_and_logs_each_epoch_once(tmp_path):
         proc.kill()
         proc.communicate()
     assert not os.path.exists(os.path.join(run, "metrics.json"))
-    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = binaries.run(binaries.MAIN, *args[2:])  # the rerun, in this process
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Restored" in out.stderr
     restored_epoch = int(out.stderr.split("Restored")[1].split("epoch ")[1].split(",")[0])
