@@ -98,8 +98,8 @@ def _around(temperature, lr_x):
     return [{"radius_x": 1, "temperature": temperature, "lr_x": lr_x},
             {"radius_x": 2, "temperature": temperature, "lr_x": lr_x},
             {"radius_x": 1, "temperature": 4 * temperature, "lr_x": lr_x},
-            {"radius_x": 1, "temperature": temperature, "lr_x": 3 * lr_x},
-            {"radius_x": 1, "temperature": temperature, "lr_x": lr_x / 3}]
+            {"radius_x": 1, "temperature": temperature, "lr_x": round(3 * lr_x, 6)},
+            {"radius_x": 1, "temperature": temperature, "lr_x": round(lr_x / 3, 6)}]
 
 
 SWEEPS = {
@@ -162,13 +162,18 @@ def _data_argv(args, dataset):
     return []
 
 
+def _lr(s, setting):
+    """The dataset's learning rate times the setting's factor, to 6 digits (0.0003, not 0.00030000000000000003)."""
+    return float(f"{s['lr'] * setting['lr_x']:.6g}")
+
+
 def train_argv(args, dataset, method, setting, minutes, holdout=0):
     """training/main.py's flags for `method` with a sweep `setting`, trained `minutes`
     (without --model_dir and the budget flags)."""
     s = DATASETS[dataset]
     return [f"--dataset={s['data']}", *_data_argv(args, dataset), "--backbone=lipschitz",
             f"--certified_margin={s['radius'] * setting['radius_x']!r}", f"--temperature={setting['temperature']!r}",
-            f"--lr={s['lr'] * setting['lr_x']!r}", "--lr_schedule=cosine", f"--batch_size={s['batch_size']}",
+            f"--lr={_lr(s, setting)!r}", "--lr_schedule=cosine", f"--batch_size={s['batch_size']}",
             "--epochs=100000", *([f"--holdout_examples={holdout}"] if holdout else []),
             *([f"--mixed_precision={s['precision']}"] if s.get("precision") else []), *METHODS[method]]
 
