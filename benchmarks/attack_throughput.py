@@ -61,9 +61,7 @@ def main():
         "device": machine.describe("cpus", "tensorflow", "python"),
         "date": time.strftime("%Y-%m-%d"),
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    machine.save(args.out, result)
     print(json.dumps(result))
 
 

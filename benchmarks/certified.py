@@ -328,12 +328,7 @@ def _save(args, update):
         result[key] = {**result.get(key, {}), **update.get(key, {})}
     # Runs of the former recipe (no sweep setting) are not what their commands train any more.
     result["runs"] = {k: v for k, v in result["runs"].items() if "setting" in v}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, args.out)
+    machine.save(args.out, result)
     return result
 
 

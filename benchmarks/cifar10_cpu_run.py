@@ -89,8 +89,7 @@ def main():
         "machine": machine.describe("cpus", "python"),
         "date": time.strftime("%Y-%m-%d"),
     }
-    with open(RESULT, "w") as fh:
-        json.dump(result, fh, indent=2)
+    machine.save(RESULT, result)
     print(json.dumps(result))
 
 

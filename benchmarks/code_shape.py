@@ -20,9 +20,12 @@ import argparse
 import ast
 import json
 import os
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import machine  # noqa: E402
 LIBRARY = "clustr_tf"
 BINARIES = ("training", "export")
 MODEL_CLASSES = ("ClusTRModel", "SoftmaxClassifier")
@@ -91,9 +94,7 @@ def main():
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "code_shape.json"))
     args = parser.parse_args()
     result = measure()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    machine.save(args.out, result)
     print(json.dumps(result))
 
 

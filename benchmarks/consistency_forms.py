@@ -69,9 +69,7 @@ def main():
         "command": f"python benchmarks/consistency_forms.py --start_epochs={args.start_epochs} --epochs={args.epochs} "
                    f"--seeds={args.seeds}",
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    machine.save(args.out, result)
     print(json.dumps(result))
 
 

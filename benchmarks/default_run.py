@@ -59,9 +59,7 @@ def main():
     result["bfloat16"] = measure(["--mixed_precision=bfloat16"])
     result["bfloat16"]["within_1_point_of_float32"] = bool(
         result["bfloat16"]["clean_accuracy"] >= result["clean_accuracy"] - 0.01)
-    os.makedirs(os.path.dirname(RESULT), exist_ok=True)
-    with open(RESULT, "w") as fh:
-        json.dump(result, fh, indent=2)
+    machine.save(RESULT, result)
     if "--update_readme" in sys.argv[1:]:
         import update_readme  # pylint: disable=g-import-not-at-top
 

@@ -237,10 +237,7 @@ def main(argv=None):
     args = parse_args(argv)
     result = run(args)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
-            fh.write("\n")
+        machine.save(args.out, result)
     print(json.dumps(result), flush=True)
 
 

@@ -5,6 +5,7 @@
     machine.cpu_model()              # 'AMD EPYC', 'Intel(R) Xeon(R) Platinum 8480+', ...
     machine.cpu_features()           # {'avx512f': True, 'avx512_bf16': True, 'amx_bf16': False, ...}
     before = machine.system_cpu(); ...; machine.others_share(before, machine.system_cpu(), own_cpu_s)
+    machine.save("benchmarks/results/x.json", result)  # the result file, written atomically
 
 Every benchmark describes its machine with `describe` (each result file keeps the keys it
 has always had). Read from /proc (Linux); elsewhere the model is `platform.processor()`, the
@@ -13,6 +14,7 @@ features are None (unknown), never False, and the share of other processes is No
 
 import os
 import platform
+import sys
 
 # CPU flags (as /proc/cpuinfo names them) that decide how fast low-precision training runs.
 FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
@@ -114,3 +116,18 @@ def others_share(before, after, own_cpu_s):
     busy = total - (after[1] - before[1])
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     return max(0.0, (busy / ticks - own_cpu_s) / (total / ticks))
+
+
+def save(path, result):
+    """Writes a benchmark's result to `path` (its folder made if needed) as indented JSON,
+    atomically (`clustr_tf.checks.write_json`): an interrupted benchmark leaves the former
+    result whole, never half of a new one."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if "clustr_tf" not in sys.modules:  # a benchmark without TensorFlow (code_shape.py) loads none
+        os.environ["CLUSTR_TF_DEFER_IMPORTS"] = "1"
+    from clustr_tf import checks  # no TensorFlow
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    checks.write_json(path, result)

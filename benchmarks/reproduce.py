@@ -282,9 +282,7 @@ def collect(args, out):
             if k not in ("only", "methods", "out") and v is not None),
         "methods": methods,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    machine.save(out, result)
     return result
 
 

@@ -69,9 +69,7 @@ def main():
                                       "lipschitz_bound", "certified_accuracy", "median_certified_radius",
                                       "masking_checks")},
     }
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", f"robustness_{args.name}.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
+    machine.save(os.path.join(ROOT, "benchmarks", "results", f"robustness_{args.name}.json"), result)
     print(json.dumps(result))
 
 

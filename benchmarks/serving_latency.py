@@ -170,9 +170,7 @@ def main():
             "latencies and throughputs are pessimistic (the CPU-time figures much less so); the "
             "certify/serving_default ratios come from interleaved calls and are not biased by it."
         )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    machine.save(args.out, result)
     print(json.dumps(result))
 
 

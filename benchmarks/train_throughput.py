@@ -537,10 +537,7 @@ def main(argv):
     result = run(flags.FLAGS)
     out = flags.FLAGS.out
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=2)
-            fh.write("\n")
+        machine.save(out, result)
     print(json.dumps(result), flush=True)
 
 

@@ -68,10 +68,13 @@ def writable_dir(name, path, error=ValueError):
 def write_json(path, value):
     """Writes `value` as JSON to `path` atomically: a temporary file in the same folder,
     then a rename, so a kill never leaves a half-written file (readers see the old one or
-    the new one)."""
+    the new one). The file gets the permissions `open` would give it (mkstemp's are 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "w") as fh:
             json.dump(value, fh, indent=2)
             fh.write("\n")

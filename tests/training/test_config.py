@@ -199,3 +199,22 @@ def test_run_writes_the_run_directory(tmp_path):
     assert (metrics["epochs_trained"], metrics["method"], metrics["eval_L"]) == (1, "clustr", 20)
     with pytest.raises(TypeError, match="RunConfig"):
         training.run({"epochs": 1})
+
+
+def test_write_json_replaces_the_file_whole_with_open_s_permissions(tmp_path):
+    """`checks.write_json` (config.json, metrics.json, the benchmarks' results): the old file
+    stays whole until the new one is complete, nothing temporary is left, and the file's mode
+    is what `open` gives (umask applied), not mkstemp's 0600."""
+    import stat
+
+    from clustr_tf import checks
+
+    path = tmp_path / "result.json"
+    checks.write_json(str(path), {"a": 1})
+    with pytest.raises(TypeError):
+        checks.write_json(str(path), {"b": object()})  # fails half-way through json.dump
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["result.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
