@@ -21,9 +21,9 @@ other processes does not count against a method):
 
 Phase `sweep`: each method trains once per setting of its dataset's grid (the same size
 for both methods: the training radius R at 1x and 2x the evaluation radius, two
-temperatures T and, on CIFAR-10, three learning rates; `SWEEPS`), with `--holdout_examples` training examples held out, and the setting
-with the best certified accuracy at the evaluation radius on those held-out examples (never
-the test split) is chosen. Phase `final`: the chosen setting trains on the whole training
+temperatures T and, on CIFAR-10, three learning rates; `SWEEPS`), with `--holdout_examples`
+training examples held out, and the setting with the best certified accuracy at the
+evaluation radius on those held-out examples (never the test split) is chosen. Phase `final`: the chosen setting trains on the whole training
 set; its budget is split into `stages` parts (the run resumes from its checkpoint for each,
 `--lr_horizon_cpu_minutes` keeps one schedule over the whole budget) and after each part
 the whole test split is certified (float64 certificate): the curve of certified accuracy

@@ -2,7 +2,6 @@
 formulas they claim, they need a backbone whose bound is exact by construction, bad
 settings fail with one clear error, and a short digits run certifies what it trained for."""
 
-import json
 import os
 
 import keras
