@@ -353,4 +353,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    machine.exit_on_sigterm()  # a `kill` stops the training it runs too
     main()

@@ -6,6 +6,7 @@
     machine.cpu_features()           # {'avx512f': True, 'avx512_bf16': True, 'amx_bf16': False, ...}
     before = machine.system_cpu(); ...; machine.others_share(before, machine.system_cpu(), own_cpu_s)
     machine.save("benchmarks/results/x.json", result)  # the result file, written atomically
+    machine.exit_on_sigterm()        # `kill` ends the benchmark and the training it runs
 
 Every benchmark describes its machine with `describe` (each result file keeps the keys it
 has always had). Read from /proc (Linux); elsewhere the model is `platform.processor()`, the
@@ -14,6 +15,7 @@ features are None (unknown), never False, and the share of other processes is No
 
 import os
 import platform
+import signal
 import sys
 
 # CPU flags (as /proc/cpuinfo names them) that decide how fast low-precision training runs.
@@ -131,3 +133,15 @@ def save(path, result):
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     checks.write_json(path, result)
+
+
+def exit_on_sigterm():
+    """Makes SIGTERM (`kill`, a job scheduler's stop) end this process through `SystemExit`.
+
+    SIGTERM's default action ends the benchmark alone: a `subprocess.run` child (the
+    training it was waiting on) goes on writing into its run folder, and the benchmark
+    run again next to it would train the same folder twice. Raised as `SystemExit`, the
+    signal reaches `subprocess.run`, which kills the child before it re-raises. Every
+    benchmark that starts a training or evaluation process calls this first.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -74,4 +74,5 @@ def main():
 
 
 if __name__ == "__main__":
+    machine.exit_on_sigterm()  # a `kill` stops the training it runs too
     main()
