@@ -11,12 +11,14 @@ The run directory (`--model_dir`, default runs/<dataset>-<time>) receives:
     logs/                 TensorBoard logs
     training_log.csv      one row per epoch
     metrics.json          clean_accuracy, nearest_center_accuracy, agreement, wall time
+    .training.lock        held while a training runs there: a second one fails at once
 
 With `--export_dir=BASE` it also exports the final model as a SavedModel for TF Serving
 into BASE/<next version>/ (`clustr_tf.serving`).
 
 A bad flag stops the binary with one line naming it and what was received (exit status
-2); a dataset that cannot be had or a training state that cannot be restored, exit 1.
+2); a dataset that cannot be had, a training state that cannot be restored or a run
+directory another training is using, exit 1.
 """
 
 import json
@@ -83,7 +85,7 @@ def main(argv, flag_values=flags.FLAGS):
     except config_lib.ConfigError as e:  # a setting found wrong on the way (init_checkpoint, ...)
         _fail(e.as_flags(), 2)
     except (data.DatasetNotFoundError, data.CorruptDatasetError, training.RestoreError,
-            training.TrainingDivergedError) as e:
+            training.RunDirInUseError, training.TrainingDivergedError) as e:
         _fail(str(e), 1)
     logging.info("Run directory: %s", config.runtime.model_dir)
     logging.info("Test metrics: %s", json.dumps(metrics))

@@ -34,4 +34,5 @@ from clustr_tf.training.run import run
 from clustr_tf.training.run import train
 from clustr_tf.training.state import STATE_DIR
 from clustr_tf.training.state import RestoreError
+from clustr_tf.training.state import RunDirInUseError
 from clustr_tf.training.state import TrainingState

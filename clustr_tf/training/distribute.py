@@ -25,6 +25,18 @@ def _cluster_size(config):
     return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
 
 
+def task_tag():
+    """`""` for a lone process; `"-worker-1"`, `"-chief-0"`, ... for a task of the cluster that
+    `TF_CONFIG` names (the tasks of one multi-worker run share a run directory)."""
+    try:
+        task = _tf_config().get("task")
+    except (ValueError, AttributeError):  # the strategy reports a bad TF_CONFIG
+        return ""
+    if not isinstance(task, dict) or "type" not in task:
+        return ""
+    return f"-{task['type']}-{task.get('index', 0)}"
+
+
 def get_strategy(name="auto", tpu_address=None):
     """Returns a `tf.distribute.Strategy` by name.
 

@@ -131,9 +131,20 @@ def train(model, batches, model_dir, epochs, steps_per_epoch, test=None, eval_ne
         `(history, state)`: the per-epoch logs of this call, and the `TrainingState`.
 
     Raises:
+        state.RunDirInUseError: another process is training in `model_dir`
+            (`state.run_dir_lock`, held for the whole call).
         state.RestoreError: the saved state cannot be restored.
         TrainingDivergedError: the loss became NaN or infinite.
     """
+    with state_lib.run_dir_lock(model_dir):
+        return _train(model, batches, model_dir, epochs, steps_per_epoch, test, eval_neighbours, eval_batch_size,
+                      checkpoint_every_steps, time_budget_seconds, cpu_budget_seconds, augment, seed, callbacks,
+                      verbose, cosine_lr, lr_horizon_cpu_seconds, resume_checkpoint)
+
+
+def _train(model, batches, model_dir, epochs, steps_per_epoch, test, eval_neighbours, eval_batch_size,
+           checkpoint_every_steps, time_budget_seconds, cpu_budget_seconds, augment, seed, callbacks, verbose,
+           cosine_lr, lr_horizon_cpu_seconds, resume_checkpoint):
     strategy = model.distribute_strategy
     state = state_lib.TrainingState(model, batches, model_dir, strategy)
     state.restore(resume_checkpoint)
@@ -194,6 +205,8 @@ def run(config):
         config.ConfigError: a setting that cannot work (a path, `init_checkpoint`,
             `export_dir`).
         data.DatasetNotFoundError, data.CorruptDatasetError: the data cannot be had.
+        state.RunDirInUseError: another process is training in the run directory
+            (`state.run_dir_lock`, held from before config.json is written to the end).
         state.RestoreError: the run directory's training state cannot be restored.
         TrainingDivergedError: the loss became NaN or infinite.
     """
@@ -201,14 +214,15 @@ def run(config):
         raise TypeError(f"`config` must be a clustr_tf.config.RunConfig. Received: {type(config).__name__}")
     created = not os.path.exists(config.runtime.model_dir)
     config.check_paths()
-    try:
-        return _run(config)
-    except BaseException:
-        # A run that fails before its first checkpoint (no data, a bad setting, an
-        # interruption) leaves no folder it created behind; one with a saved state keeps it.
-        if created and not os.path.exists(os.path.join(config.runtime.model_dir, state_lib.STATE_DIR)):
-            shutil.rmtree(config.runtime.model_dir, ignore_errors=True)
-        raise
+    with state_lib.run_dir_lock(config.runtime.model_dir):  # (one in use: raised before anything is written)
+        try:
+            return _run(config)
+        except BaseException:
+            # A run that fails before its first checkpoint (no data, a bad setting, an
+            # interruption) leaves no folder it created behind; one with a saved state keeps it.
+            if created and not os.path.exists(os.path.join(config.runtime.model_dir, state_lib.STATE_DIR)):
+                shutil.rmtree(config.runtime.model_dir, ignore_errors=True)
+            raise
 
 
 def _run(config):

@@ -1,6 +1,10 @@
-"""The training state that a run saves and resumes: model, optimizer, position and clocks."""
+"""The training state that a run saves and resumes: model, optimizer, position and clocks;
+and the lock that keeps one training per run directory."""
 
+import contextlib
 import os
+import socket
+import time
 
 import tensorflow as tf
 from absl import logging
@@ -8,6 +12,72 @@ from absl import logging
 from clustr_tf.training import distribute
 
 STATE_DIR = "checkpoints"
+LOCK_NAME = ".training.lock"
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None
+
+_held = {}  # lock path -> [open file, depth]: the locks this process holds
+
+
+class RunDirInUseError(RuntimeError):
+    """Another process is training in the run directory."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(model_dir):
+    """Holds `model_dir` for this process's training while the block runs.
+
+    An exclusive `flock` on `model_dir/.training.lock` (`.training.lock-worker-1`, ... for
+    the other tasks of a multi-worker run, which share the folder): a second training in the
+    same folder (the same command started twice, a benchmark rerun beside one still going)
+    fails at once instead of interleaving its checkpoints, log rows and config.json with the
+    first's. The operating system releases it when the process ends, however it ends, so a
+    killed run leaves no stale lock. Re-entrant within a process (`run` holds it, `train`
+    takes it again). The file stays (it names the last holder); where the file system has
+    no locks, nothing is held. Makes `model_dir` if needed.
+
+    Raises:
+        RunDirInUseError: another process holds it; the message names that process. Nothing
+            in the folder was changed.
+    """
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(os.path.realpath(model_dir), LOCK_NAME + distribute.task_tag())
+    if path in _held:
+        _held[path][1] += 1
+        try:
+            yield
+        finally:
+            _held[path][1] -= 1
+        return
+    fh = open(path, "a+")
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "a process that has not written its name yet"
+                raise RunDirInUseError(
+                    f"Another training is running in this run directory ({holder}; it holds {path}). Wait for it "
+                    f"to end or stop it, then rerun to resume; or pass another model_dir. Nothing was changed. "
+                    f"Received: model_dir={model_dir}") from None
+            except OSError as e:  # a file system without locks
+                logging.warning("Cannot lock %s (%s): the run directory is not protected from a second "
+                                "training.", path, e.strerror or e)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        _held[path] = [fh, 1]
+        try:
+            yield
+        finally:
+            del _held[path]
+    finally:
+        fh.close()  # releases the lock
 
 
 class RestoreError(RuntimeError):

@@ -201,6 +201,43 @@ def test_unwritable_model_dir(tmp_path, capsys):
     assert blocker.read_text() == "keep me"
 
 
+_HOLD_LOCK = """
+import fcntl, sys, time
+fh = open(sys.argv[1], "a+")
+fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+fh.truncate(0)
+fh.write("pid 4242 on elsewhere, since 2026-12-03 10:00:00")
+fh.flush()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_training_in_the_same_run_directory_fails_at_once(tmp_path, capsys):
+    """While another process trains in the run directory (holds its lock as
+    `state.run_dir_lock` does), the command stops with one line naming that process, exit 1,
+    before it writes anything; once that process is killed, the same command runs."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("the first training's")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run / ".training.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    args = [f"--model_dir={run}", "--epochs=1", "--steps_per_epoch=1"]
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        _fails_with_one_line(capsys, args, "Another training is running in this run directory",
+                             "pid 4242 on elsewhere", "Nothing was changed", f"model_dir={run}", status=1)
+        assert sorted(os.listdir(run)) == [".training.lock", "config.json"]
+        assert (run / "config.json").read_text() == "the first training's"
+    finally:
+        holder.kill()
+        holder.wait()
+    _main(*args)  # the killed holder left no stale lock
+    assert json.loads((run / "config.json").read_text())["model_dir"] == str(run)
+    assert (run / "metrics.json").exists()
+    assert "pid %d on " % os.getpid() in (run / ".training.lock").read_text()
+
+
 def test_missing_dataset(tmp_path, capsys):
     """A --data_dir that does not exist is a bad flag (before TensorFlow loads); an empty one
     without the download, the dataset cannot be had: neither leaves the run folder behind."""

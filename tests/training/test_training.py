@@ -1,7 +1,10 @@
 """Tests of the training step (`Classifier.train_step`) and of resumable training
 (`training.train`) on one device: objective, QTRADES, XLA, state, resume, budgets."""
 
+import fcntl
+import json
 import os
+from unittest import mock
 
 import keras
 import numpy as np
@@ -398,6 +401,27 @@ class LoopTest(absltest.TestCase):
         with self.assertRaisesRegex(training.RestoreError, "belongs to another configuration.*start over in a new "
                                                            "--model_dir"):
             state.restore()
+
+    def test_train_holds_the_run_directory_and_a_held_one_fails_unchanged(self):
+        """`train` takes the run directory's lock (re-entrant: `run` holds it already); a
+        folder whose lock is held elsewhere (another open file here, as another process
+        holds it) fails before the state is read or anything written; its task of a
+        multi-worker run locks its own file."""
+        run = _Run(self)
+        with training.state.run_dir_lock(run.model_dir):
+            run.train(1, 1)  # the same process: re-entrant
+        lock = os.path.join(run.model_dir, training.state.LOCK_NAME)
+        files = sorted(os.listdir(run.model_dir))
+        with open(lock, "a+") as other:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with self.assertRaisesRegex(training.RunDirInUseError,
+                                        r"Another training is running in this run directory \(pid \d+ on "):
+                run.train(2, 1)
+            self.assertEqual(sorted(os.listdir(run.model_dir)), files)
+            worker = json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}})
+            with mock.patch.dict(os.environ, {"TF_CONFIG": worker}):
+                with training.state.run_dir_lock(run.model_dir):
+                    self.assertTrue(os.path.exists(lock + "-worker-1"))
 
 
 if __name__ == "__main__":
