@@ -31,6 +31,20 @@ class UpdateReadmeTest(absltest.TestCase):
             self.assertEqual(rendered, text, f"{path} is stale: run python benchmarks/update_readme.py")
             self.assertEqual(update_readme.render(rendered), rendered)  # idempotent
 
+    def test_robustness_table_tells_failed_from_not_run(self):
+        with open(os.path.join(update_readme.RESULTS, "robustness_digits.json")) as fh:
+            result = json.load(fh)
+        result["masking_checks"] = {
+            "losses_agree": {"passed": True, "ran": True, "detail": "largest difference {8/255: 0.01}"},
+            "official_gap": {"passed": False, "ran": True, "detail": "official-loss accuracy minus worst case 0.3"},
+            "gradient_free_no_better": {"passed": False, "ran": False, "detail": "not run: no gradient-free attack"},
+            # An older robustness.json has no `ran`: its detail says "not run".
+            "stronger_attack_converged": {"passed": False, "detail": "not run: no stronger attack was made"},
+        }
+        rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1]
+                for line in update_readme.robustness(result) if line.count(" | ") >= 2}
+        self.assertEqual([rows[k] for k in result["masking_checks"]], ["passed", "**FAILED**", "not run", "not run"])
+
     def test_flag_tables_list_every_flag_of_each_binary(self):
         for marker, path in update_readme.BINARIES.items():
             table = "\n".join(update_readme.flag_table(path))

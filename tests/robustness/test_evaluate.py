@@ -59,7 +59,33 @@ class MaskingChecksTest(absltest.TestCase):
         for name in ("unbounded_eps_breaks_all", "stronger_attack_converged", "gradient_free_no_better",
                      "certified_below_empirical"):
             self.assertFalse(checks[name]["passed"])
+            self.assertFalse(checks[name]["ran"])
             self.assertIn("not run", checks[name]["detail"])
+            self.assertEqual(evaluation.check_outcome(checks[name]), "not run")
+        # One l_inf eps, one loss per eps, no official loss: nothing to compare, so these are not
+        # run either (before, they passed on an empty comparison).
+        for name in ("monotone_in_eps", "losses_agree", "official_gap"):
+            self.assertEqual((checks[name]["passed"], checks[name]["ran"]), (False, False), checks[name])
+            self.assertTrue(checks[name]["detail"].startswith("not run: "), checks[name])
+
+    def test_summary_tells_failed_from_not_run(self):
+        """The line evaluate.py ends with: a check that failed is FAILED, one whose attacks were
+        not asked for is "not run", and an older robustness.json (no `ran`) reads the same."""
+        healthy = _result({"2/255": 0.6, "8/255": 0.3, "255/255": 0.0},
+                          {"2/255": {"official": 0.62, "margin": 0.6}, "8/255": {"official": 0.31, "margin": 0.3},
+                           "255/255": {"margin": 0.0}})
+        self.assertEqual(evaluation.checks_summary(evaluation.masking_checks(healthy, 10)), "all 7 passed")
+        partial = _result({"8/255": 0.3}, {"8/255": {"margin": 0.3}}, certified=(0.5, 0.4, 0))
+        del partial["stronger_attack"], partial["gradient_free"]
+        checks = evaluation.masking_checks(partial, 10)
+        self.assertEqual(evaluation.check_outcome(checks["certified_below_empirical"]), "FAILED")
+        self.assertEqual(
+            evaluation.checks_summary(checks),
+            "FAILED: certified_below_empirical; 0 passed; not run (their attacks were not asked for): "
+            "monotone_in_eps, losses_agree, unbounded_eps_breaks_all, stronger_attack_converged, "
+            "gradient_free_no_better, official_gap")
+        older = {name: {k: v for k, v in c.items() if k != "ran"} for name, c in checks.items()}
+        self.assertEqual(evaluation.checks_summary(older), evaluation.checks_summary(checks))
 
     def test_monotone_check_compares_the_same_pgd_runs(self):
         """Square at 8/255 only may put the 8/255 worst case under 16/255's: that is not
@@ -195,6 +221,11 @@ class EvaluateBinaryTest(parameterized.TestCase):
         self.assertTrue(any("on the certified rule" in line for line in runs), runs)
         table = lines[lines.index(next(l for l in lines if l.startswith("Results ("))):]
         self.assertIn("certificate violations", "\n".join(table))
+        # Every check's attacks were asked for here: the line names none "not run".
+        masking = next(line for line in table if "gradient-masking checks" in line)
+        self.assertEqual(masking.split("checks", 1)[1].strip(), evaluation.checks_summary(result["masking_checks"]))
+        self.assertNotIn("not run", masking)
+        self.assertTrue(all(c["ran"] for c in result["masking_checks"].values()), result["masking_checks"])
         self.assertRegex("\n".join(table), r"certified accuracy, l2 0.5 \(\d+ test images\)\s+[\d.]+%")
         self.assertEqual(set(result["certified_accuracy_test_split"]), set(result["certified_accuracy"]))
         self.assertAlmostEqual(result["certified_accuracy_test_split"]["0.0"], result["clean_accuracy_test_split"],

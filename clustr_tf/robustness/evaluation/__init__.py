@@ -17,7 +17,8 @@ The package is laid out by concept, one module each:
     certification  the clean pass and the certificate (`clean_pass`, `certify_split`)
     attack_stages  the attacks that narrow the worst case, and the certified rule's attack
     robustness     `evaluate_robustness`: the stages in order and the result they sum up to
-    masking        `masking_checks`: the signs of gradient masking in a result
+    masking        `masking_checks`: the signs of gradient masking in a result; `check_outcome`
+                   and `checks_summary` say passed, FAILED or not run
 """
 
 from clustr_tf.robustness.evaluation.attack_stages import certified_rule_attack
@@ -27,6 +28,8 @@ from clustr_tf.robustness.evaluation.attack_stages import gradient_free_attack
 from clustr_tf.robustness.evaluation.attack_stages import stronger_attack
 from clustr_tf.robustness.evaluation.certification import certify_split
 from clustr_tf.robustness.evaluation.certification import clean_pass
+from clustr_tf.robustness.evaluation.masking import check_outcome
+from clustr_tf.robustness.evaluation.masking import checks_summary
 from clustr_tf.robustness.evaluation.masking import masking_checks
 from clustr_tf.robustness.evaluation.planning import DEFAULT_L2_EPS
 from clustr_tf.robustness.evaluation.planning import DEFAULT_RADII
