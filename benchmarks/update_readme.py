@@ -137,6 +137,14 @@ def certified(r):
                 + " | ".join(f"{100 * emp[k]:.1f}% ({100 * run['certified_accuracy_attacked_subset'][k]:.1f}%)"
                              if k in emp else "-" for k in radii) + " | "
                 + f"{sum(run['certificate_violations'].values())} |")
+        soft = {m: run["soft_knc_clean_accuracy"] for m, run in runs.items() if run.get("soft_knc_clean_accuracy")}
+        if soft:
+            lines += ["", "clean: test accuracy of the decision the certificate is about (its radius 0): the nearest "
+                          "center for ClusTR, the argmax for the linear head. ClusTR's own prediction, soft kNC "
+                          "(`model.predict`, the `serving_default` signature), reaches "
+                          + ", ".join(f"{100 * v:.1f}%" for v in soft.values())
+                          + " on the test split (the run's metrics.json); the `certify` signature decides by the "
+                            "nearest center."]
         if all(len(run.get("seeds", [])) > 1 for run in runs.values()):
             key = radii[min(1, len(radii) - 1)]
             lines += ["", f"The same commands with `--seed=1`, `--seed=2`, ... (the row above is seed 0): certified "

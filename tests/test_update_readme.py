@@ -45,6 +45,17 @@ class UpdateReadmeTest(absltest.TestCase):
                 for line in update_readme.robustness(result) if line.count(" | ") >= 2}
         self.assertEqual([rows[k] for k in result["masking_checks"]], ["passed", "**FAILED**", "not run", "not run"])
 
+    def test_certified_tables_name_clustr_soft_knc_accuracy(self):
+        """The certified tables' clean column is the certified decision (nearest center); the
+        accuracy ClusTR serves with (soft kNC) is printed beside each table that has it."""
+        with open(os.path.join(update_readme.RESULTS, "certified.json")) as fh:
+            result = json.load(fh)
+        text = "\n".join(update_readme.certified(result))
+        for key, run in result["runs"].items():
+            if run.get("soft_knc_clean_accuracy") and "setting" in run:
+                self.assertIn(f"soft kNC (`model.predict`, the `serving_default` signature), reaches "
+                              f"{100 * run['soft_knc_clean_accuracy']:.1f}%", text, key)
+
     def test_flag_tables_list_every_flag_of_each_binary(self):
         for marker, path in update_readme.BINARIES.items():
             table = "\n".join(update_readme.flag_table(path))
