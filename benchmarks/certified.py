@@ -1,6 +1,6 @@
 """Certified ClusTR against the Lipschitz-margin linear head: one recipe, one CPU budget, one sweep.
 
-    python benchmarks/certified.py [--datasets=digits,cifar10] [--phases=sweep,final]
+    python benchmarks/certified.py [--datasets=digits,cifar10] [--phases=sweep,final[,serving_rule]]
         [--cifar_data_dir=PATH] [--methods=certified_clustr,lipschitz_margin_xent]
 
 For each dataset, trains two models on the same 1-Lipschitz-by-construction backbone
@@ -36,6 +36,12 @@ example the attack breaks is a violation). Where a dataset sets `seeds` (digits:
 same command then trains and is evaluated again with `--seed=1`, `--seed=2`, ...: the
 row's numbers are seed 0's (what its command gives), and `seeds` and the `*_mean` keys hold
 every seed's and their mean, the measure of seed noise the comparison is read against.
+
+Certified ClusTR's final phase also measures its serving rule (`runs[...]["serving_rule"]`):
+the test accuracy of the soft-kNC rule (`model.predict`, `serving_default`) with the variance
+the model holds and with 2 sigma^2 = T, beside the nearest center that the certificate
+certifies, and how often each agrees with it. Phase `serving_rule` alone measures it again
+on the final runs' folders (e.g. of runs trained before it was measured).
 
 Datasets: `digits` (3 CPU-min per run, 3 points of the curve), `cifar10` (60 CPU-min per
 final run in one part, 6 per sweep run) and `cifar10_long` (240 CPU-min, the setting chosen
@@ -145,7 +151,7 @@ def parse_args(argv=None):
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.methods = [m for m in args.methods.split(",") if m]
     args.phases = [m for m in args.phases.split(",") if m]
-    for name, known in (("datasets", DATASETS), ("methods", METHODS), ("phases", ("sweep", "final"))):
+    for name, known in (("datasets", DATASETS), ("methods", METHODS), ("phases", ("sweep", "final", "serving_rule"))):
         unknown = [v for v in getattr(args, name) if v not in known]
         if unknown:
             p.error(f"--{name}: unknown {unknown}; expected some of {', '.join(known)}")
@@ -212,6 +218,36 @@ def certify_run(run_dir, images, labels, radii):
     model = models.load_model(os.path.join(run_dir, "model.keras"))
     precision.set_precision(model, "float32")
     return evaluation.certify_split(model, images, labels, radii)
+
+
+def serving_rule(run_dir, images, labels, temperature, batch_size=500):
+    """Test accuracy of a certified ClusTR run's soft-kNC rule (what `model.predict` and
+    `serving_default` decide) with the variance the model holds and with 2 sigma^2 = T
+    (`CertifiedClusTR`'s rule since 2026-12-04), beside the nearest center (the certified
+    decision), and how often each soft-kNC rule agrees with it; float32, as evaluate.py."""
+    import tensorflow as tf
+
+    from clustr_tf import models
+    from clustr_tf import precision
+
+    model = models.load_model(os.path.join(run_dir, "model.keras"))
+    precision.set_precision(model, "float32")
+    with open(os.path.join(run_dir, "config.json")) as fh:
+        neighbours = json.load(fh).get("eval_L")
+    neighbours = model.evaluation_neighbours(neighbours)
+    layer, labels = model.cluster_centers, np.asarray(labels)
+    distances = np.concatenate([layer.squared_distances(model.embed(tf.constant(images[i:i + batch_size]))).numpy()
+                                for i in range(0, len(labels), batch_size)])
+    nearest = distances.argmin(axis=1) // layer.clusters_per_class
+    held = float(layer.variance.numpy())
+    result = {"nearest_center_accuracy": round(float(np.mean(nearest == labels)), 4), "neighbours": neighbours,
+              "test_examples": len(labels)}
+    for name, variance in (("held_variance", held), ("temperature", temperature / 2.0)):
+        layer.variance.assign(variance)
+        soft = np.asarray(tf.argmax(layer.logits_from_distances(tf.constant(distances), neighbours), axis=-1))
+        result[name] = {"variance": round(variance, 6), "accuracy": round(float(np.mean(soft == labels)), 4),
+                        "agreement_with_nearest_center": round(float(np.mean(soft == nearest)), 4)}
+    return result
 
 
 def evaluate_run(run_dir, dataset):
@@ -289,6 +325,9 @@ def final(args, dataset, method, setting):
         "setting": setting, "train_cpu_minutes": curve[-1]["train_cpu_minutes"], "epochs": curve[-1]["epochs"],
         "clean_accuracy": robustness["clean_accuracy_test_split"],
         "soft_knc_clean_accuracy": metrics["clean_accuracy"] if method == "certified_clustr" else None,
+        # The soft-kNC rule that accuracy is of (runs before 2026-12-04 have no such key: their
+        # variance was the moving average of the squared distance to the own center).
+        "soft_knc_rule": "2 sigma^2 = T" if method == "certified_clustr" else None,
         "certified_accuracy": robustness["certified_accuracy_test_split"],
         "certified_test_examples": robustness["certified_test_examples"],
         "attacked_examples": robustness["num_examples"],
@@ -304,6 +343,8 @@ def final(args, dataset, method, setting):
                                     for k in seeds[0]["certified_accuracy"]},
         "clean_accuracy_mean": round(float(np.mean([x["clean_accuracy"] for x in seeds])), 4),
         "curve": curve, "wall_minutes": round(wall / 60, 1), "date": time.strftime("%Y-%m-%d"),
+        **({"serving_rule": serving_rule(run_dir, images, labels, setting["temperature"])}
+           if method == "certified_clustr" else {}),
     }
 
 
@@ -311,6 +352,21 @@ def _seed_record(seed, minutes, robustness):
     return {"seed": seed, "train_cpu_minutes": minutes, "clean_accuracy": robustness["clean_accuracy_test_split"],
             "certified_accuracy": robustness["certified_accuracy_test_split"],
             "certificate_violations": sum(robustness["certificate_violations"].values())}
+
+
+def _with_serving_rule(args, dataset, key):
+    """certified.json's record of `key` with its `serving_rule` measured on the run folder."""
+    runs = json.load(open(args.out)).get("runs", {}) if os.path.exists(args.out) else {}
+    if key not in runs:
+        raise SystemExit(f"certified.py: no final run of {key} in {args.out}: run --phases=final first")
+    run_dir = os.path.join(args.runs_dir, f"{dataset}-certified_clustr-{setting_tag(runs[key]['setting'])}")
+    if not os.path.exists(os.path.join(run_dir, "model.keras")):
+        raise SystemExit(f"certified.py: --phases=serving_rule needs the model of {key}: no {run_dir}/model.keras "
+                         "(pass the --runs_dir its final phase trained in, or run --phases=final)")
+    images, labels = _arrays(args, dataset, "test")
+    rule = serving_rule(run_dir, images, labels, runs[key]["setting"]["temperature"])
+    print(json.dumps({f"{key} serving rule": rule}), flush=True)
+    return {**runs[key], "serving_rule": rule}
 
 
 def _save(args, update):
@@ -349,6 +405,8 @@ def main(argv=None):
                 chosen = json.load(open(args.out))["sweeps"][source]
                 setting = {k: chosen["settings"][chosen["chosen"]][k] for k in ("radius_x", "temperature", "lr_x")}
                 result = _save(args, {"runs": {key: final(args, dataset, method, setting)}})
+            if "serving_rule" in args.phases and "final" not in args.phases and method == "certified_clustr":
+                result = _save(args, {"runs": {key: _with_serving_rule(args, dataset, key)}})
     print(json.dumps(result), flush=True)
 
 

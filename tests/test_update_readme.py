@@ -47,14 +47,23 @@ class UpdateReadmeTest(absltest.TestCase):
 
     def test_certified_tables_name_clustr_soft_knc_accuracy(self):
         """The certified tables' clean column is the certified decision (nearest center); the
-        accuracy ClusTR serves with (soft kNC) is printed beside each table that has it."""
-        with open(os.path.join(update_readme.RESULTS, "certified.json")) as fh:
-            result = json.load(fh)
-        text = "\n".join(update_readme.certified(result))
-        for key, run in result["runs"].items():
-            if run.get("soft_knc_clean_accuracy") and "setting" in run:
-                self.assertIn(f"soft kNC (`model.predict`, the `serving_default` signature), reaches "
-                              f"{100 * run['soft_knc_clean_accuracy']:.1f}%", text, key)
+        accuracy ClusTR serves with (soft kNC) is printed beside it, with its rule."""
+        rule = {"nearest_center_accuracy": 0.6, "held_variance": {"variance": 11.8, "accuracy": 0.55,
+                                                                  "agreement_with_nearest_center": 0.8},
+                "temperature": {"variance": 0.125, "accuracy": 0.59, "agreement_with_nearest_center": 0.92}}
+        older = update_readme._soft_knc_note({"certified_clustr": {"soft_knc_clean_accuracy": 0.55,
+                                                                   "serving_rule": rule}})[1]
+        self.assertIn("reaches 59.0% with 2 sigma^2 = T, this version's rule (it agrees with the nearest center on "
+                      "92.0%", older)
+        self.assertIn("holds sigma^2 = 11.8, the squared distance to the own center, with which it reaches 55.0% "
+                      "(agreement 80.0%)", older)
+        same = {**rule, "held_variance": rule["temperature"]}  # a run of this version: one rule
+        newer = update_readme._soft_knc_note({"certified_clustr": {"serving_rule": same}})[1]
+        self.assertIn("reaches 59.0% with 2 sigma^2 = T", newer)
+        self.assertNotIn("trained before", newer)
+        unmeasured = update_readme._soft_knc_note({"certified_clustr": {"soft_knc_clean_accuracy": 0.95}})[1]
+        self.assertIn("reached 95.0% (the run's metrics.json) with the variance estimated", unmeasured)
+        self.assertEqual(update_readme._soft_knc_note({"lipschitz_margin_xent": {}}), [])
 
     def test_flag_tables_list_every_flag_of_each_binary(self):
         for marker, path in update_readme.BINARIES.items():

@@ -107,15 +107,15 @@ class CertifiedClusTRTest(parameterized.TestCase):
         self.assertTrue(np.all(predicted.numpy() == labels))
         self.assertTrue(np.all(radius.numpy() > margin))
 
-    def test_gradients_reach_backbone_and_centers_and_the_variance_follows(self):
-        objective = objectives.CertifiedClusTR(0.5, clusters_per_class=2, neighbours=4)
+    def test_gradients_reach_backbone_and_centers_and_the_variance_stays_half_the_temperature(self):
+        objective = objectives.CertifiedClusTR(0.5, clusters_per_class=2, neighbours=4, temperature=0.3)
         model = objective.build_model(_lipschitz_backbone(), 3)
+        self.assertAlmostEqual(float(model.cluster_centers.variance.numpy()), 0.15, places=6)
         self.assertTrue(model.cluster_centers.trainable_centers)
         self.assertIn(model.cluster_centers.centers.path, [v.path for v in model.trainable_variables])
         rng = np.random.default_rng(0)
         images = tf.constant(rng.uniform(size=(12, 8, 8, 1)), tf.float32)
         targets = {"labels": tf.constant(np.arange(12) % 3, tf.int64)}
-        before = float(model.cluster_centers.variance.numpy())
         with tf.GradientTape() as tape:
             result = objective.losses(model, images, targets, None)
             loss = tf.reduce_mean(result.losses)
@@ -124,8 +124,25 @@ class CertifiedClusTRTest(parameterized.TestCase):
         self.assertGreater(float(tf.norm(center_grad)), 0)
         self.assertTrue(backbone_grads and all(g is not None for g in backbone_grads))
         self.assertTrue(any(float(tf.norm(g)) > 0 for g in backbone_grads))
-        self.assertNotEqual(float(model.cluster_centers.variance.numpy()), before)
+        # The soft-kNC rule keeps 2 sigma^2 = T: no step moves it.
+        self.assertAlmostEqual(float(model.cluster_centers.variance.numpy()), 0.15, places=6)
         self.assertEqual(set(result.metrics), set(objective.metric_names))
+
+    def test_soft_knc_logits_are_the_training_logits_over_t(self):
+        """With 2 sigma^2 = T, a class's soft-kNC log-score over all its clusters is
+        logsumexp_k(-||z - mu_k||^2 / T) (float64 here), so its decision is, up to how the
+        K centers of a class add up, the training softmax's."""
+        objective = objectives.CertifiedClusTR(0.5, clusters_per_class=2, neighbours=6, temperature=0.25)
+        model = objective.build_model(_lipschitz_backbone(), 3)
+        rng = np.random.default_rng(1)
+        centers = rng.normal(size=model.cluster_centers.centers.shape)
+        model.cluster_centers.centers.assign(centers.astype(np.float32))
+        centers = model.cluster_centers.centers.numpy().astype(np.float64)
+        features = (centers[[0, 2, 4, 1, 3]] + 0.3 * rng.normal(size=(5, centers.shape[1]))).astype(np.float32)
+        d = ((features[:, None, :].astype(np.float64) - centers[None]) ** 2).sum(-1).reshape(5, 3, 2)
+        expected = np.logaddexp(-d[..., 0] / 0.25, -d[..., 1] / 0.25)
+        got = model.logits_from_features(tf.constant(features)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
     def test_bfloat16_keeps_the_head_and_loss_in_float32(self):
         from clustr_tf import precision
@@ -155,11 +172,13 @@ class CertifiedClusTRTest(parameterized.TestCase):
         init.on_train_begin()
         started = model.cluster_centers.centers.numpy().copy()
         self.assertFalse(np.allclose(initial, started))
+        self.assertAlmostEqual(float(model.cluster_centers.variance.numpy()), objective.temperature / 2, places=6)
         # Each center is the mean of examples of its class: the nearest-center rule is good at once.
         features = model.embed(images).numpy()
         self.assertGreater(np.mean(model.certify_features(features)[1] == labels), 0.5)
         history = model.fit(batches.dataset(), steps_per_epoch=4, epochs=2, verbose=0)
         self.assertIn("certified_accuracy", history.history)
+        self.assertAlmostEqual(float(model.cluster_centers.variance.numpy()), objective.temperature / 2, places=6)
         self.assertFalse(np.allclose(model.cluster_centers.centers.numpy(), started))
         self.assertEqual(objective.callbacks(batches, resumed=True), [])
         path = os.path.join(self.create_tempdir().full_path, "model.keras")
@@ -191,6 +210,42 @@ class CertifiedClusTRTest(parameterized.TestCase):
         baseline = objectives.from_config(config_lib.Objective(method="cross_entropy", certified_margin=0.5),
                                           config_lib.Model())
         self.assertEqual(baseline.temperature, 1.0)
+
+
+class ServingRuleBenchmarkTest(absltest.TestCase):
+    def test_measures_the_held_variance_and_half_the_temperature_against_the_nearest_center(self):
+        """benchmarks/certified.py's `serving_rule`: soft-kNC accuracy and agreement with the
+        nearest center under the model's variance and under T / 2, on the saved model."""
+        import importlib.util
+        import json
+
+        spec = importlib.util.spec_from_file_location(
+            "certified_benchmark", os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+                os.path.abspath(__file__)))), "benchmarks", "certified.py"))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        objective = objectives.CertifiedClusTR(0.5, clusters_per_class=2, neighbours=6, temperature=0.25)
+        model = objective.build_model(_lipschitz_backbone(), 3)
+        rng = np.random.default_rng(2)
+        images = rng.uniform(size=(40, 8, 8, 1)).astype(np.float32)
+        labels = rng.integers(0, 3, size=40)
+        model.cluster_centers.centers.assign(rng.normal(size=model.cluster_centers.centers.shape) * 0.1)
+        model.cluster_centers.variance.assign(7.0)  # a run of the former rule
+        run_dir = self.create_tempdir().full_path
+        model.save(os.path.join(run_dir, "model.keras"))
+        with open(os.path.join(run_dir, "config.json"), "w") as fh:
+            json.dump({"eval_L": 20}, fh)
+        rule = bench.serving_rule(run_dir, images, labels, 0.25, batch_size=16)
+        d = model.cluster_centers.squared_distances(model.embed(tf.constant(images))).numpy()
+        nearest = d.argmin(1) // 2
+        self.assertEqual(rule["nearest_center_accuracy"], round(float(np.mean(nearest == labels)), 4))
+        self.assertEqual((rule["neighbours"], rule["test_examples"]), (6, 40))  # eval_L capped at C*K
+        self.assertEqual((rule["held_variance"]["variance"], rule["temperature"]["variance"]), (7.0, 0.125))
+        for name, two_var in (("held_variance", 14.0), ("temperature", 0.25)):
+            grouped = (-d / two_var).reshape(40, 3, 2)
+            soft = np.logaddexp(grouped[..., 0], grouped[..., 1]).argmax(1)
+            self.assertEqual(rule[name]["accuracy"], round(float(np.mean(soft == labels)), 4), name)
+            self.assertEqual(rule[name]["agreement_with_nearest_center"], round(float(np.mean(soft == nearest)), 4))
 
 
 class RecipeTest(absltest.TestCase):
