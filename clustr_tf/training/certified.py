@@ -160,7 +160,7 @@ class CertifiedClusTR(CertifiedMargin, Objective):
     has 2 sigma^2 = T, the scale the cross-entropy was trained at: its log-kernels are the
     training logits -||z - mu||^2 / T. The mean squared distance to the own center, the
     variance the magnet loss uses, is 50-65x T on a trained CIFAR-10 network; a rule that
-    flat sums far clusters, and lost 3.5-3.9 points of test accuracy to the nearest center (the
+    flat sums far clusters, and lost 3.6-3.9 points of test accuracy to the nearest center (the
     certified decision) and agreed with it on 77-80% of test images, where 2 sigma^2 = T
     loses 0.15-0.5 points and agrees on 92% (`benchmarks/certified.py --phases=serving_rule`).
 
