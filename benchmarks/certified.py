@@ -236,15 +236,13 @@ def serving_rule(run_dir, images, labels, temperature, batch_size=500):
         neighbours = json.load(fh).get("eval_L")
     neighbours = model.evaluation_neighbours(neighbours)
     layer, labels = model.cluster_centers, np.asarray(labels)
-    distances = np.concatenate([layer.squared_distances(model.embed(tf.constant(images[i:i + batch_size]))).numpy()
-                                for i in range(0, len(labels), batch_size)])
-    nearest = distances.argmin(axis=1) // layer.clusters_per_class
-    held = float(layer.variance.numpy())
-    result = {"nearest_center_accuracy": round(float(np.mean(nearest == labels)), 4), "neighbours": neighbours,
-              "test_examples": len(labels)}
-    for name, variance in (("held_variance", held), ("temperature", temperature / 2.0)):
+    features = tf.constant(np.concatenate([model.embed(tf.constant(images[i:i + batch_size])).numpy()
+                                           for i in range(0, len(labels), batch_size)]))
+    result = {"neighbours": neighbours, "test_examples": len(labels)}
+    for name, variance in (("held_variance", float(layer.variance.numpy())), ("temperature", temperature / 2.0)):
         layer.variance.assign(variance)
-        soft = np.asarray(tf.argmax(layer.logits_from_distances(tf.constant(distances), neighbours), axis=-1))
+        soft, nearest = (np.asarray(d) for d in model.decisions_from_features(features, neighbours))
+        result["nearest_center_accuracy"] = round(float(np.mean(nearest == labels)), 4)
         result[name] = {"variance": round(variance, 6), "accuracy": round(float(np.mean(soft == labels)), 4),
                         "agreement_with_nearest_center": round(float(np.mean(soft == nearest)), 4)}
     return result
@@ -285,9 +283,14 @@ def sweep(args, dataset, method):
             "holdout_examples": s["holdout_examples"]}
 
 
+def final_run_dir(args, dataset, method, setting):
+    """The folder of a method's final run (its parts resume there)."""
+    return os.path.join(args.runs_dir, f"{dataset}-{method}-{setting_tag(setting)}")
+
+
 def final(args, dataset, method, setting):
     s = DATASETS[dataset]
-    run_dir = os.path.join(args.runs_dir, f"{dataset}-{method}-{setting_tag(setting)}")
+    run_dir = final_run_dir(args, dataset, method, setting)
     argv = train_argv(args, dataset, method, setting, s["cpu_minutes"])
     images, labels = _arrays(args, dataset, "test")
     # Each point of the curve is kept in the run folder when it is measured, so a rerun
@@ -359,7 +362,7 @@ def _with_serving_rule(args, dataset, key):
     runs = json.load(open(args.out)).get("runs", {}) if os.path.exists(args.out) else {}
     if key not in runs:
         raise SystemExit(f"certified.py: no final run of {key} in {args.out}: run --phases=final first")
-    run_dir = os.path.join(args.runs_dir, f"{dataset}-certified_clustr-{setting_tag(runs[key]['setting'])}")
+    run_dir = final_run_dir(args, dataset, "certified_clustr", runs[key]["setting"])
     if not os.path.exists(os.path.join(run_dir, "model.keras")):
         raise SystemExit(f"certified.py: --phases=serving_rule needs the model of {key}: no {run_dir}/model.keras "
                          "(pass the --runs_dir its final phase trained in, or run --phases=final)")
